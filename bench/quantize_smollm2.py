@@ -1,0 +1,112 @@
+"""Quantize SmolLM2-135M with several methods / settings and print WikiText-2 perplexity.
+
+Every row is measured in this run on the same model, calibration tokens and
+evaluation windows, so the methods are compared side by side:
+
+    python bench/quantize_smollm2.py                      # the issue's targets
+    python bench/quantize_smollm2.py --ablation           # DuQuant's component ablation at W4A4
+    python bench/quantize_smollm2.py --rows rtn:4:4 duquant:4:4 --opt duquant:alpha=0.5
+
+A row is ``METHOD:WBITS:ABITS`` or ``duquant-ablation:NAME``. The model is
+loaded once and its float state restored before each row; quantization time
+counts calibration and transform fitting only, not loading or evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from quantcompose.data import calibration_tokens, load_wikitext2_test
+from quantcompose.evaluate import perplexity
+from quantcompose.models.loading import load_model
+from quantcompose.pipeline import quantize_model
+from quantcompose.plugin_manager import get_plugin_manager
+from quantcompose.strategy import QuantSettings
+
+DEFAULT_EVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+DEFAULT_ROWS = ["rtn:8:8", "duquant:8:8", "duquant:6:6", "rtn:4:4", "duquant:4:4"]
+
+
+def ablation_rows() -> list[str]:
+    from quantcompose_plugins.duquant import ABLATIONS
+
+    return [f"duquant-ablation:{name}" for name in ABLATIONS]
+
+
+def parse_row(row: str, user_options: dict[str, dict[str, str]]):
+    parts = row.split(":")
+    if parts[0] == "duquant-ablation":
+        from quantcompose_plugins.duquant import ABLATIONS
+
+        options = {**ABLATIONS[parts[1]], **user_options.get("duquant", {})}
+        wbits, abits = (int(parts[2]), int(parts[3])) if len(parts) == 4 else (4, 4)
+        return f"duquant[{parts[1]}]", "duquant", wbits, abits, options
+    method, wbits, abits = parts[0], int(parts[1]), int(parts[2])
+    return method, method, wbits, abits, dict(user_options.get(method, {}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--eval-data", default=str(DEFAULT_EVAL))
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--max-windows", type=int, default=32)
+    parser.add_argument("--calib", default="random")
+    parser.add_argument("--nsamples", type=int, default=16)
+    parser.add_argument("--calib-seqlen", type=int, default=512)
+    parser.add_argument("--rows", nargs="*", default=None, help="METHOD:WBITS:ABITS or duquant-ablation:NAME[:W:A]")
+    parser.add_argument("--ablation", action="store_true", help="run DuQuant's component ablation at W4A4")
+    parser.add_argument("--opt", action="append", default=[], metavar="METHOD:KEY=VALUE")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    user_options: dict[str, dict[str, str]] = {}
+    for item in args.opt:
+        method, _, pair = item.partition(":")
+        key, _, value = pair.partition("=")
+        user_options.setdefault(method, {})[key] = value
+    rows = args.rows or (ablation_rows() if args.ablation else DEFAULT_ROWS)
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model)
+    pristine = copy.deepcopy(model.state_dict())
+    eval_tokens = load_wikitext2_test(tokenizer, args.eval_data)
+    calib = calibration_tokens(args.calib, tokenizer, nsamples=args.nsamples, seqlen=args.calib_seqlen, seed=args.seed)
+    manager = get_plugin_manager()
+
+    print(f"model={args.model} eval=WikiText-2 test, first {args.max_windows} windows of {args.seqlen} tokens; "
+          f"calibration={args.calib} {args.nsamples}x{args.calib_seqlen}; torch threads={torch.get_num_threads()}")
+    start = time.perf_counter()
+    fp = perplexity(model, eval_tokens, seqlen=args.seqlen, max_windows=args.max_windows, progress=False)
+    print(f"{'setting':34s} {'bits':8s} {'ppl':>9s} {'x fp':>7s} {'quant s':>8s}", flush=True)
+    print(f"{'full precision':34s} {'W16A16':8s} {fp:9.2f} {1.0:7.3f} {'-':>8s}   (eval {time.perf_counter() - start:.0f} s)",
+          flush=True)
+
+    for row in rows:
+        label, method, wbits, abits, options = parse_row(row, user_options)
+        fresh = float_copy(model, pristine)
+        settings = QuantSettings(wbits=wbits, abits=abits, seed=args.seed)
+        resolved = manager.info(method).resolve_options(options)
+        report = quantize_model(fresh, calib, method, settings, resolved, manager=manager, progress=False)
+        ppl = perplexity(fresh, eval_tokens, seqlen=args.seqlen, max_windows=args.max_windows, progress=False)
+        print(f"{label:34s} {f'W{wbits}A{abits}':8s} {ppl:9.2f} {ppl / fp:7.3f} {report.seconds:8.1f}", flush=True)
+    return 0
+
+
+def float_copy(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A fresh float model with ``state``: quantization replaces linears in place."""
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    fresh.load_state_dict(state)
+    return fresh.eval()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

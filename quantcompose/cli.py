@@ -1,0 +1,184 @@
+"""The ``quantcompose`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any, Sequence
+
+from quantcompose.errors import QuantComposeError
+
+
+def _parse_options(pairs: Sequence[str]) -> dict[str, str]:
+    options: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--opt expects KEY=VALUE, got {pair!r}")
+        options[key.strip().replace("-", "_")] = value.strip()
+    return options
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="built-in name, local path or hub id (default: %(default)s)")
+    parser.add_argument("--eval-data", default=None, metavar="PATH",
+                        help="WikiText-2 raw test file (wiki.test.raw) for perplexity; 'wikitext2' uses the datasets library; omit to skip evaluation")
+    parser.add_argument("--seqlen", type=int, default=2048, help="evaluation window length in tokens (default: %(default)s)")
+    parser.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quantcompose",
+        description="Weight-activation quantization of LLMs as compositions of exact transforms.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    sub.add_parser("methods", help="list the installed strategies and their options")
+
+    q = sub.add_parser("quantize", help="quantize a model, report perplexity beside full precision, optionally save it")
+    _add_model_args(q)
+    q.add_argument("--method", default="duquant", help="strategy name (see `quantcompose methods`; default: %(default)s)")
+    q.add_argument("--wbits", type=int, default=4, help="weight bits, 2..8 or 16 for float (default: %(default)s)")
+    q.add_argument("--abits", type=int, default=4, help="activation bits, 2..8 or 16 for float (default: %(default)s)")
+    q.add_argument("--weight-sym", action="store_true", help="symmetric weight quantizer (default: asymmetric)")
+    q.add_argument("--act-sym", action="store_true", help="symmetric activation quantizer (default: asymmetric)")
+    q.add_argument("--group-size", type=int, default=None, help="per-group weight quantization with this group size")
+    q.add_argument("--kv-bits", type=int, default=None, help="also quantize the K/V cache to this many bits")
+    q.add_argument("--calib", default="random",
+                   help="calibration data: 'random' tokens (default), a text file path, or 'wikitext2' (datasets)")
+    q.add_argument("--nsamples", type=int, default=16, help="calibration sequences (default: %(default)s)")
+    q.add_argument("--calib-seqlen", type=int, default=512, help="calibration sequence length (default: %(default)s)")
+    q.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="strategy option, repeatable")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--no-fp", action="store_true", help="skip the full-precision evaluation")
+    q.add_argument("--save", default=None, metavar="DIR", help="save the quantized model to DIR")
+    q.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+
+    e = sub.add_parser("eval", help="perplexity of a model or of a saved quantized model")
+    _add_model_args(e)
+    return parser
+
+
+def _cmd_methods() -> int:
+    from quantcompose.plugin_manager import get_plugin_manager
+
+    for name, info in sorted(get_plugin_manager().strategies().items()):
+        print(f"{name}: {info.description}")
+        for key, option in info.options.items():
+            print(f"    {key} = {option.default!r}  {option.help}")
+    return 0
+
+
+def _load(name: str):
+    from pathlib import Path
+
+    from quantcompose.saving import CONFIG_NAME, load_quantized
+
+    if (Path(name) / CONFIG_NAME).is_file():
+        return load_quantized(name)
+    from quantcompose.models.loading import load_model
+
+    return load_model(name)
+
+
+def _eval_tokens(args: argparse.Namespace, tokenizer: Any):
+    if args.eval_data is None:
+        return None
+    from quantcompose.data import load_wikitext2_test
+
+    return load_wikitext2_test(tokenizer, None if args.eval_data == "wikitext2" else args.eval_data)
+
+
+def _print_table(rows: list[tuple[str, str, str]]) -> None:
+    header = ("setting", "bits", "wikitext2 ppl")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from quantcompose.data import calibration_tokens
+    from quantcompose.evaluate import perplexity
+    from quantcompose.pipeline import quantize_model
+    from quantcompose.plugin_manager import get_plugin_manager
+    from quantcompose.strategy import QuantSettings
+
+    settings = QuantSettings(
+        wbits=args.wbits, abits=args.abits, weight_symmetric=args.weight_sym, act_symmetric=args.act_sym,
+        weight_group_size=args.group_size, kv_bits=args.kv_bits, seed=args.seed,
+    )
+    manager = get_plugin_manager()
+    options = manager.info(args.method).resolve_options(_parse_options(args.opt))
+    torch.manual_seed(args.seed)
+    model, tokenizer = _load(args.model)
+    eval_tokens = _eval_tokens(args, tokenizer)
+    rows: list[tuple[str, str, str]] = []
+    progress = not args.quiet
+    if eval_tokens is not None and not args.no_fp:
+        ppl = perplexity(model, eval_tokens, seqlen=args.seqlen, max_windows=args.max_windows, progress=progress)
+        rows.append(("full precision", "W16A16", f"{ppl:.2f}"))
+    calib = calibration_tokens(args.calib, tokenizer, nsamples=args.nsamples, seqlen=args.calib_seqlen, seed=args.seed)
+    report = quantize_model(model, calib, args.method, settings, options, manager=manager, progress=progress)
+    bits = f"W{args.wbits}A{args.abits}" + (f"KV{args.kv_bits}" if args.kv_bits else "")
+    if eval_tokens is not None:
+        ppl = perplexity(model, eval_tokens, seqlen=args.seqlen, max_windows=args.max_windows, progress=progress)
+        rows.append((args.method, bits, f"{ppl:.2f}"))
+    if rows:
+        windows = "all" if args.max_windows is None else f"first {args.max_windows}"
+        print(f"\n{args.model}: WikiText-2 test, {windows} windows of {args.seqlen} tokens")
+        _print_table(rows)
+    print(f"quantization time: {report.seconds:.1f} s ({args.nsamples} x {args.calib_seqlen} {args.calib} calibration tokens)")
+    if args.save:
+        from quantcompose.saving import save_quantized
+
+        size = save_quantized(
+            model, args.save, tokenizer=tokenizer, overwrite=args.overwrite,
+            metadata={"method": args.method, "bits": bits, "options": report.options, "source": args.model},
+        )
+        print(f"saved to {args.save} ({size / 2**20:.1f} MiB on disk)")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from quantcompose.evaluate import perplexity
+
+    if args.eval_data is None:
+        raise SystemExit("eval needs --eval-data PATH (wiki.test.raw) or --eval-data wikitext2")
+    start = time.perf_counter()
+    model, tokenizer = _load(args.model)
+    if tokenizer is None:
+        raise SystemExit(f"{args.model} has no saved tokenizer; re-save it with a tokenizer")
+    tokens = _eval_tokens(args, tokenizer)
+    ppl = perplexity(model, tokens, seqlen=args.seqlen, max_windows=args.max_windows, progress=not args.quiet)
+    print(f"{args.model}: wikitext2 perplexity {ppl:.2f} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        if args.command == "methods":
+            return _cmd_methods()
+        if args.command == "quantize":
+            return _cmd_quantize(args)
+        if args.command == "eval":
+            return _cmd_eval(args)
+    except (QuantComposeError, FileExistsError, KeyError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"quantcompose: error: {message}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

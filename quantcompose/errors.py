@@ -1,0 +1,46 @@
+"""Error types. Every message says what is wrong and what to do about it."""
+
+from __future__ import annotations
+
+
+class QuantComposeError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class TransformError(QuantComposeError, ValueError):
+    """A transform was built from values that do not define an invertible map."""
+
+
+class HadamardSizeError(TransformError):
+    """No Hadamard matrix construction is known for the requested size."""
+
+
+class QuantSpecError(QuantComposeError, ValueError):
+    """A quantizer specification is out of range (bits, group size, clip ratio)."""
+
+
+class ShapeError(QuantComposeError, ValueError):
+    """A tensor's shape does not fit the transform, quantizer or layer."""
+
+
+class UnknownStrategyError(QuantComposeError, KeyError):
+    """No installed strategy plugin has the requested name."""
+
+    def __str__(self) -> str:  # KeyError would quote the message otherwise
+        return str(self.args[0]) if self.args else ""
+
+
+class UnsupportedArchitectureError(QuantComposeError, ValueError):
+    """The model's architecture has no adapter."""
+
+
+class ModelLoadError(QuantComposeError, OSError):
+    """A model (or the package that ships it) could not be found or loaded."""
+
+
+class CalibrationError(QuantComposeError, ValueError):
+    """Calibration data or the activations it produced are unusable (NaN, inf, empty)."""
+
+
+class DataError(QuantComposeError, OSError):
+    """An evaluation or calibration data file is missing or malformed."""

@@ -1,0 +1,289 @@
+"""Layer-by-layer calibration and quantization.
+
+For each decoder layer in turn: collect activation statistics at each input
+place, ask the strategy for a plan, fold what the module before the place
+can absorb, install the rest online in :class:`QuantLinear`, quantize the
+weights, and run the quantized layer to produce the next layer's inputs.
+Only one layer's calibration activations live in memory at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantcompose.errors import CalibrationError
+from quantcompose.models import InputPlace, get_adapter, get_submodule, set_submodule
+from quantcompose.plugin_manager import StrategyManager, get_plugin_manager
+from quantcompose.qlinear import QuantLinear
+from quantcompose.quant import QuantSpec
+from quantcompose.strategy import PlaceStats, Plan, QuantSettings
+from quantcompose.transforms import Compose, Identity, Scale, Transform
+
+
+@dataclass
+class QuantizationReport:
+    """What the pipeline did: time spent and one line per (layer, place)."""
+
+    method: str
+    settings: QuantSettings
+    options: dict[str, Any]
+    seconds: float = 0.0
+    places: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the first layer's inputs are recorded."""
+
+
+class _ActivationStats:
+    """Running per-channel max |x| and a random subsample of rows for one place."""
+
+    def __init__(self, total_rows: int, sample_rows: int, generator: torch.Generator) -> None:
+        self.keep_fraction = min(1.0, sample_rows / max(total_rows, 1))
+        self.generator = generator
+        self.absmax: torch.Tensor | None = None
+        self.rows: list[torch.Tensor] = []
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        x = args[0].detach()
+        flat = x.reshape(-1, x.shape[-1]).float()
+        current = flat.abs().amax(dim=0)
+        self.absmax = current if self.absmax is None else torch.maximum(self.absmax, current)
+        keep = max(1, round(flat.shape[0] * self.keep_fraction))
+        index = torch.randperm(flat.shape[0], generator=self.generator)[:keep].to(flat.device)
+        self.rows.append(flat.index_select(0, index).cpu())
+
+    def sample(self) -> torch.Tensor:
+        return torch.cat(self.rows)
+
+
+def _layer_output(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _check_finite(tensor: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(tensor).all():
+        raise CalibrationError(
+            f"NaN or infinite values in {where}. Check the calibration data (token ids in range, "
+            "no NaN in embeddings), and run calibration in float32 rather than float16."
+        )
+
+
+def capture_first_layer_inputs(
+    model: nn.Module, layers: nn.ModuleList, tokens: torch.Tensor, batch_size: int
+) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """Run the embeddings on the calibration tokens and record what layer 0 receives."""
+    captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs.pop("hidden_states", None)
+        captured.append((hidden.detach(), kwargs))
+        raise _StopForward
+
+    device = next(model.parameters()).device
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for chunk in tokens.split(batch_size):
+            try:
+                model(chunk.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def split_absorbable(transform: Transform, absorbable: str) -> tuple[Transform | None, Transform | None]:
+    """Split ``T`` into (part folded into the previous module, part run online), ``T = A·R``."""
+    if absorbable == "any":
+        return transform, None
+    if absorbable == "diagonal":
+        if isinstance(transform, Scale):
+            return transform, None
+        if isinstance(transform, Compose) and isinstance(transform.transforms[0], Scale):
+            rest = list(transform.transforms[1:])
+            online = rest[0] if len(rest) == 1 else Compose(rest)
+            return transform.transforms[0], online
+    if isinstance(transform, Identity):
+        return None, None
+    return None, transform
+
+
+def _fold_into_previous(layer: nn.Module, place: InputPlace, absorbed: Transform) -> None:
+    prev = get_submodule(layer, place.prev)
+    with torch.no_grad():
+        if place.prev_kind == "norm":
+            if not isinstance(absorbed, Scale):
+                raise TypeError(f"a norm can only absorb a diagonal Scale, got {type(absorbed).__name__}")
+            prev.weight.mul_(absorbed.factors.to(prev.weight.device, prev.weight.dtype))
+        elif place.prev_kind == "linear":
+            weight, bias = absorbed.fold_into_output(prev.weight.data, None if prev.bias is None else prev.bias.data)
+            prev.weight.data.copy_(weight)
+            if prev.bias is not None:
+                prev.bias.data.copy_(bias)
+        else:
+            raise ValueError(f"place {place.name!r} has nothing before it that can absorb a transform")
+
+
+def _describe(plan: Plan, online: Transform | None, absorbed: Transform | None) -> dict[str, Any]:
+    def name(t: Transform | None) -> str:
+        if t is None:
+            return "-"
+        if isinstance(t, Compose):
+            return "·".join(type(a).__name__ for a in t.transforms)
+        return type(t).__name__
+
+    return {
+        "transform": name(plan.transform),
+        "folded": name(absorbed),
+        "online": name(online),
+        "act": str(plan.act_spec) if plan.act_spec else "float",
+        "weight": str(plan.weight_spec) if plan.weight_spec else "float",
+        **plan.notes,
+    }
+
+
+def quantize_layer(
+    layer: nn.Module,
+    layer_index: int,
+    places: list[InputPlace],
+    inputs: list[tuple[torch.Tensor, dict[str, Any]]],
+    method: str,
+    options: dict[str, Any],
+    settings: QuantSettings,
+    manager: StrategyManager,
+    sample_rows: int,
+    generator: torch.Generator,
+    kv_spec: QuantSpec | None = None,
+) -> list[dict[str, Any]]:
+    """Calibrate, plan, fold and quantize one decoder layer in place."""
+    total_rows = sum(hidden.shape[0] * hidden.shape[1] for hidden, _ in inputs)
+    collectors = {p.name: _ActivationStats(total_rows, sample_rows, generator) for p in places}
+    handles = [
+        get_submodule(layer, p.linears[0]).register_forward_pre_hook(collectors[p.name]) for p in places
+    ]
+    try:
+        with torch.no_grad():
+            for hidden, kwargs in inputs:
+                layer(hidden, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    plans: list[tuple[InputPlace, Plan]] = []
+    for place in places:
+        collector = collectors[place.name]
+        if collector.absmax is None:
+            raise CalibrationError(f"layer {layer_index} place {place.name!r} saw no calibration activations")
+        _check_finite(collector.absmax, f"the inputs of layer {layer_index} at {place.name!r}")
+        weights = {name: get_submodule(layer, name).weight.detach().float() for name in place.linears}
+        stats = PlaceStats(
+            layer_index=layer_index,
+            place=place.name,
+            act_absmax=collector.absmax.cpu(),
+            act_sample=collector.sample(),
+            weights={k: v.cpu() for k, v in weights.items()},
+            absorbable=place.absorbable,
+        )
+        plans.append((place, manager.plan(method, stats, options, settings)))
+
+    # Output-side folds (into norms, v_proj, up_proj) and input-side folds
+    # (into the consuming linears) multiply the weight from opposite sides, so
+    # they commute: do all of them on float weights before quantizing any.
+    summary = []
+    online_of: dict[str, Transform | None] = {}
+    for place, plan in plans:
+        absorbed, online = split_absorbable(plan.transform, place.absorbable)
+        if absorbed is not None:
+            _fold_into_previous(layer, place, absorbed)
+        online_of[place.name] = online
+        summary.append({"layer": layer_index, "place": place.name, **_describe(plan, online, absorbed)})
+
+    for place, plan in plans:
+        for name in place.linears:
+            linear = get_submodule(layer, name)
+            weight, bias = plan.transform.fold_into_weight(
+                linear.weight.data.double(), None if linear.bias is None else linear.bias.data
+            )
+            output_spec = kv_spec if kv_spec is not None and name.endswith(("k_proj", "v_proj")) else None
+            quantized = QuantLinear(
+                weight.to(linear.weight.dtype),
+                bias,
+                transform=online_of[place.name],
+                act_spec=plan.act_spec,
+                weight_spec=plan.weight_spec,
+                output_spec=output_spec,
+            ).to(linear.weight.device)
+            set_submodule(layer, name, quantized)
+    return summary
+
+
+def quantize_model(
+    model: nn.Module,
+    calib_tokens: torch.Tensor,
+    method: str = "duquant",
+    settings: QuantSettings | None = None,
+    options: dict[str, Any] | None = None,
+    *,
+    manager: StrategyManager | None = None,
+    batch_size: int = 4,
+    sample_rows: int = 2048,
+    progress: bool = True,
+) -> QuantizationReport:
+    """Quantize ``model`` in place with the strategy ``method``.
+
+    ``calib_tokens`` is a ``(nsamples, seqlen)`` tensor of token ids. With
+    ``settings.wbits == settings.abits == 16`` nothing is quantized and only
+    the transforms are applied: the model must then compute what it computed
+    before, which is how the tests prove a method's transforms exact.
+    """
+    settings = settings or QuantSettings()
+    manager = manager or get_plugin_manager()
+    info = manager.info(method)
+    resolved = info.resolve_options(options)
+    if calib_tokens.ndim != 2 or calib_tokens.numel() == 0:
+        raise CalibrationError(
+            f"calibration tokens must be a non-empty (nsamples, seqlen) tensor, got shape {tuple(calib_tokens.shape)}"
+        )
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and (calib_tokens.min() < 0 or calib_tokens.max() >= vocab):
+        raise CalibrationError(f"calibration token ids must lie in [0, {vocab}); got ids outside that range")
+
+    adapter = get_adapter(model)
+    report = QuantizationReport(method, settings, resolved)
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(settings.seed)
+    layers = adapter.layers()
+    kv_spec = None
+    if settings.kv_bits is not None:
+        head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+        kv_spec = QuantSpec(settings.kv_bits, False, "group", head_dim)
+
+    with torch.no_grad():
+        inputs = capture_first_layer_inputs(model, layers, calib_tokens, batch_size)
+        for index in tqdm(range(len(layers)), desc=f"{method} layers", disable=not progress):
+            layer = layers[index]
+            for hidden, _ in inputs:
+                _check_finite(hidden, f"the input of layer {index}")
+            report.places += quantize_layer(
+                layer, index, adapter.places(layer), inputs, method, resolved, settings,
+                manager, sample_rows, generator, kv_spec,
+            )
+            inputs = [(_layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def count_quantized(model: nn.Module) -> int:
+    return sum(1 for m in model.modules() if isinstance(m, QuantLinear))
+
+
+__all__ = ["QuantizationReport", "quantize_model", "quantize_layer", "split_absorbable", "count_quantized"]

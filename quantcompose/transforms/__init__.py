@@ -1,0 +1,41 @@
+"""The transform algebra: invertible linear maps on the last dimension and their composition.
+
+See ``docs/architecture.md`` for the conventions (row vectors, ``A @ B`` applies
+``A`` first, ``fold_into_weight`` / ``fold_into_output``).
+"""
+
+from quantcompose.transforms.base import Transform
+from quantcompose.transforms.compose import Compose
+from quantcompose.transforms.hadamard import Hadamard, fwht
+from quantcompose.transforms.hadamard_matrices import (
+    MAX_BASE_ORDER,
+    base_orders,
+    hadamard_matrix,
+    nearest_hadamard_sizes,
+    supported_hadamard_size,
+)
+from quantcompose.transforms.identity import Identity
+from quantcompose.transforms.permutation import Permutation
+from quantcompose.transforms.rotation import BlockRotation, random_orthogonal
+from quantcompose.transforms.scale import Scale
+from quantcompose.transforms.serialize import flatten_state, from_state_dict, unflatten_state
+
+__all__ = [
+    "Transform",
+    "Identity",
+    "Scale",
+    "Permutation",
+    "BlockRotation",
+    "Hadamard",
+    "Compose",
+    "hadamard_matrix",
+    "supported_hadamard_size",
+    "nearest_hadamard_sizes",
+    "base_orders",
+    "MAX_BASE_ORDER",
+    "fwht",
+    "random_orthogonal",
+    "from_state_dict",
+    "flatten_state",
+    "unflatten_state",
+]

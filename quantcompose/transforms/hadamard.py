@@ -1,0 +1,142 @@
+"""The normalized (optionally random-sign) Hadamard rotation, applied in O(n log n)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from quantcompose.errors import TransformError
+from quantcompose.transforms._util import as_float_tensor, format_indices
+from quantcompose.transforms.base import Transform, cast_like
+from quantcompose.transforms.hadamard_matrices import base_matrix_as, check_hadamard_size
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalized fast Walsh–Hadamard transform over the last dimension (a power of two).
+
+    Equals ``x @ sylvester(p)``. Each of the log₂ p butterfly stages views the
+    data as ``(..., pairs, 2, h)`` and writes ``(a + b, a − b)``. Stages are out
+    of place (O(n) scratch) so the caller's tensor is never modified and autograd works.
+    """
+    p = x.shape[-1]
+    if p & (p - 1):
+        raise ValueError(f"fwht needs a power-of-two last dimension, got {p}.")
+    batch = x.shape[:-1]
+    y = x.reshape(-1, p)
+    h = 1
+    while h < p:
+        y = y.reshape(y.shape[0], p // (2 * h), 2, h)
+        a, b = y[:, :, 0, :], y[:, :, 1, :]
+        y = torch.stack((a + b, a - b), dim=2)
+        h *= 2
+    return y.reshape(*batch, p)
+
+
+class Hadamard(Transform):
+    """The orthonormal map with matrix ``diag(signs)·H/√n`` (``Hᵀ·diag(signs)/√n`` when ``transposed``).
+
+    ``H = kron(H_m, H_{2^k})`` from :func:`hadamard_matrix`. ``forward`` views
+    the input as ``(..., m, 2^k)``: a butterfly over the ``2^k`` axis and, for
+    ``m > 1``, one small ``m×m`` matmul over the other. Paley matrices are not
+    symmetric, so ``inv`` / ``T`` is the ``transposed`` variant.
+    """
+
+    signs: torch.Tensor | None
+
+    def __init__(self, size: int, signs: torch.Tensor | None = None, *, transposed: bool = False) -> None:
+        m, p = check_hadamard_size(size)
+        if signs is not None:
+            s = as_float_tensor(signs, "Hadamard signs")
+            if s.shape != (size,):
+                raise TransformError(f"Hadamard signs must have shape ({size},), got {tuple(s.shape)}.")
+            bad = s.abs() != 1
+            if bool(bad.any()):
+                raise TransformError(
+                    f"Hadamard signs must be exactly ±1, but {int(bad.sum())} entries are not "
+                    f"(indices {format_indices(bad)}). Use torch.sign (and replace zeros) first, "
+                    "or put other factors in a Scale."
+                )
+            signs = s
+        self._init(size, signs, bool(transposed), m, p)
+
+    def _init(self, size: int, signs: torch.Tensor | None, transposed: bool, m: int, p: int) -> None:
+        self.size = size
+        self.signs = signs
+        self.transposed = transposed
+        self._m, self._p = m, p
+        self._freeze()
+
+    @classmethod
+    def random(
+        cls, size: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64
+    ) -> "Hadamard":
+        """A Hadamard rotation with i.i.d. uniform random signs (the QuaRot randomized variant)."""
+        check_hadamard_size(size)
+        bits = torch.randint(0, 2, (size,), generator=generator)
+        return cls(size, (bits * 2 - 1).to(dtype))
+
+    @property
+    def base_order(self) -> int:
+        """``m`` in ``size = m·2^k`` (1 for powers of two)."""
+        return self._m
+
+    def _apply_h(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ H`` (or ``x @ Hᵀ`` when transposed), unnormalized."""
+        m, p = self._m, self._p
+        if m == 1:
+            return fwht(x)
+        a = base_matrix_as(m, x.dtype, x.device)
+        if p == 1:
+            return x @ (a.T if self.transposed else a)
+        xs = fwht(x.reshape(*x.shape[:-1], m, p))
+        # x @ kron(A, B) views x as X (m×p) and returns Aᵀ·X·B; Hᵀ = kron(Aᵀ, B) gives A·X·B.
+        ys = (a if self.transposed else a.T) @ xs
+        return ys.reshape(x.shape)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 / math.sqrt(self.size)
+        if self.transposed:
+            y = self._apply_h(x) * scale
+            return y if self.signs is None else y * cast_like(self.signs, x)
+        y = x if self.signs is None else x * cast_like(self.signs, x)
+        return self._apply_h(y) * scale
+
+    def _make_inverse(self) -> "Hadamard":
+        # Orthonormal: inverse == transpose == the other orientation with the same signs.
+        obj = Hadamard.__new__(Hadamard)
+        obj._init(self.size, self.signs, not self.transposed, self._m, self._p)
+        return obj
+
+    @property
+    def is_orthogonal(self) -> bool:
+        return True
+
+    @property
+    def is_diagonal(self) -> bool:
+        return self.size == 1
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Hadamard":
+        signs = None if self.signs is None else self.signs.to(device=device, dtype=dtype)
+        obj = Hadamard.__new__(Hadamard)
+        obj._init(self.size, signs, self.transposed, self._m, self._p)
+        return obj
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"type": "Hadamard", "size": self.size, "transposed": self.transposed}
+        if self.signs is not None:
+            state["signs"] = self.signs
+        return state
+
+    @classmethod
+    def _from_state(cls, state: dict[str, Any]) -> "Hadamard":
+        return cls(int(state["size"]), state.get("signs"), transposed=bool(state.get("transposed", False)))
+
+    def __repr__(self) -> str:
+        parts = [f"size={self.size}"]
+        if self.signs is not None:
+            parts.append("signs")
+        if self.transposed:
+            parts.append("transposed")
+        return f"Hadamard({', '.join(parts)})"

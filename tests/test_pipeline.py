@@ -1,0 +1,134 @@
+"""The layer-by-layer pipeline on a toy Llama: folding is exact, quantization runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantcompose.errors import CalibrationError, UnsupportedArchitectureError
+from quantcompose.hookspecs import hookimpl
+from quantcompose.models import get_adapter
+from quantcompose.pipeline import count_quantized, quantize_model, split_absorbable
+from quantcompose.plugin_manager import StrategyManager
+from quantcompose.qlinear import QuantLinear
+from quantcompose.strategy import Plan, QuantSettings, StrategyInfo
+from quantcompose.transforms import BlockRotation, Compose, Permutation, Scale
+
+from toymodel import tiny_llama
+
+
+class RandomComposition:
+    """A strategy that returns a random scale · rotation · permutation · rotation."""
+
+    @hookimpl
+    def quantcompose_strategy_info(self):
+        return StrategyInfo("random-composition", "test strategy")
+
+    @hookimpl
+    def quantcompose_plan(self, method, stats, options, settings):
+        if method != "random-composition":
+            return None
+        g = torch.Generator().manual_seed(stats.layer_index * 10 + len(stats.place))
+        n = stats.width
+        transform = Compose([
+            Scale(torch.rand(n, generator=g, dtype=torch.float64) * 2 + 0.25),
+            BlockRotation.random(n, 32, generator=g),
+            Permutation(torch.randperm(n, generator=g)),
+            BlockRotation.random(n, 24, generator=g),
+        ])
+        return Plan(transform, settings.act_spec(), settings.weight_spec())
+
+
+def _manager() -> StrategyManager:
+    manager = StrategyManager()
+    manager.register(RandomComposition(), name="random-composition")
+    return manager
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])  # no GQA: o's scale folds into v; GQA: runs online
+def test_folding_a_random_composition_is_exact(kv_heads):
+    model = tiny_llama(kv_heads=kv_heads).double()
+    tokens = torch.randint(0, 128, (2, 24))
+    before = _logits(model, tokens)
+    calib = torch.randint(0, 128, (3, 16))
+    report = quantize_model(model, calib, "random-composition", QuantSettings(wbits=16, abits=16),
+                            manager=_manager(), progress=False)
+    assert count_quantized(model) == 2 * 7
+    after = _logits(model, tokens)
+    torch.testing.assert_close(after, before, rtol=1e-9, atol=1e-9)
+    folded = {(p["place"], p["folded"]) for p in report.places}
+    assert ("attn_in", "Scale") in folded and ("mlp_down", "Scale") in folded
+    assert ("attn_out", "Scale" if kv_heads == 4 else "-") in folded
+
+
+def test_quantized_toy_model_runs_and_degrades_gracefully():
+    model = tiny_llama()
+    tokens = torch.randint(0, 128, (2, 24))
+    before = _logits(model, tokens)
+    calib = torch.randint(0, 128, (4, 16))
+    quantize_model(model, calib, "rtn", QuantSettings(wbits=8, abits=8), progress=False)
+    after = _logits(model, tokens)
+    assert torch.isfinite(after).all()
+    rel = (after - before).norm() / before.norm()
+    assert 0 < rel < 0.05
+    layer = model.model.layers[0].mlp.down_proj
+    assert isinstance(layer, QuantLinear) and layer.weight_codes.dtype == torch.uint8
+
+
+def test_int4_weights_are_packed():
+    model = tiny_llama()
+    quantize_model(model, torch.randint(0, 128, (2, 16)), "rtn", QuantSettings(wbits=4, abits=16), progress=False)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.weight_codes.shape == (layer.out_features, layer.in_features // 2)
+
+
+def test_kv_cache_quantization_changes_k_and_v_only():
+    model = tiny_llama()
+    quantize_model(model, torch.randint(0, 128, (2, 16)), "rtn", QuantSettings(wbits=16, abits=16, kv_bits=4),
+                   progress=False)
+    attn = model.model.layers[0].self_attn
+    assert attn.k_proj.output_spec is not None and attn.v_proj.output_spec is not None
+    assert attn.q_proj.output_spec is None and attn.o_proj.output_spec is None
+
+
+def test_nan_in_calibration_is_a_clear_error():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[5] = float("nan")
+    calib = torch.full((2, 8), 5)
+    with pytest.raises(CalibrationError, match="NaN"):
+        quantize_model(model, calib, "rtn", QuantSettings(), progress=False)
+
+
+def test_bad_calibration_shapes_and_ids():
+    model = tiny_llama()
+    with pytest.raises(CalibrationError, match="non-empty"):
+        quantize_model(model, torch.zeros(0, dtype=torch.long), "rtn", progress=False)
+    with pytest.raises(CalibrationError, match="token ids"):
+        quantize_model(model, torch.full((1, 4), 1000), "rtn", progress=False)
+
+
+def test_unknown_architecture_and_method():
+    class NotALlama(torch.nn.Module):
+        config = type("C", (), {"model_type": "gpt2"})()
+
+    with pytest.raises(UnsupportedArchitectureError, match="llama"):
+        get_adapter(NotALlama())
+    from quantcompose.errors import UnknownStrategyError
+
+    with pytest.raises(UnknownStrategyError, match="rtn"):
+        quantize_model(tiny_llama(), torch.zeros(1, 4, dtype=torch.long), "nosuch", progress=False)
+
+
+def test_split_absorbable():
+    s = Scale(torch.tensor([1.0, 2.0]))
+    p = Permutation(torch.tensor([1, 0]))
+    absorbed, online = split_absorbable(Compose([s, p]), "diagonal")
+    assert absorbed is s and online is p
+    assert split_absorbable(p, "diagonal") == (None, p)
+    assert split_absorbable(Compose([s, p]), "none")[0] is None
