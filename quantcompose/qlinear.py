@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,6 +47,11 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self._float_dtype = weight.dtype if weight.is_floating_point() else torch.float32
         self._weight_cache: torch.Tensor | None = None
+        # "auto": Triton kernels on CUDA, PyTorch reference elsewhere; "always":
+        # kernels wherever Triton runs (the CPU interpreter too); "never".
+        self.kernels = "auto"
+        self._kernel_state: Any = None
+        self._kernel_state_device: torch.device | None = None
         if weight_spec is None:
             self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
             self.packed = False
@@ -79,8 +86,9 @@ class QuantLinear(nn.Module):
             self._weight_cache = dequantize(q).reshape(self.out_features, self.in_features).to(self._float_dtype)
         return self._weight_cache
 
-    def _apply(self, fn, recurse=True):  # drop the cache on .to()/.half()/.cuda()
+    def _apply(self, fn, recurse=True):  # drop the caches on .to()/.half()/.cuda()
         self._weight_cache = None
+        self._kernel_state = self._kernel_state_device = None
         result = super()._apply(fn, recurse)
         reference = next(iter([*self.parameters(), *self.buffers()]), None)
         if self.transform is not None and reference is not None:
@@ -94,7 +102,24 @@ class QuantLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.weight_codes, self.weight_scale, self.weight_zero))
 
     # -- forward ---------------------------------------------------------------
+    def _kernels_for(self, x: torch.Tensor) -> Any:
+        """The prepared kernel operands for ``x``'s device, or None to run the reference path."""
+        if self.kernels == "never" or (self.kernels == "auto" and not x.is_cuda):
+            return None
+        if self._kernel_state_device != x.device:
+            from quantcompose.kernel_dispatch import build_kernel_state
+
+            self._kernel_state = build_kernel_state(self, x.device)
+            self._kernel_state_device = x.device
+        return self._kernel_state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = self._kernels_for(x)
+        if state is not None:
+            from quantcompose.kernel_dispatch import kernel_forward
+
+            y = kernel_forward(self, state, x)
+            return fake_quantize(y, self.output_spec) if self.output_spec is not None else y
         if self.transform is not None:
             x = self.transform(x)
         if self.act_spec is not None:

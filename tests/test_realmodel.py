@@ -1,0 +1,95 @@
+"""Every strategy on the real SmolLM2-135M: exact folding, W8A8 accuracy, save/load.
+
+Slow: each test quantizes the 30-layer model (with short calibration).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+try:
+    from realmodel import load_smollm2, requires_real_model, wikitext2_test_tokens
+except ImportError:  # pragma: no cover - when tests/ is imported as a package
+    from tests.realmodel import load_smollm2, requires_real_model, wikitext2_test_tokens
+
+from quantcompose.data import calibration_tokens
+from quantcompose.evaluate import perplexity
+from quantcompose.pipeline import count_quantized, quantize_model
+from quantcompose.plugin_manager import get_plugin_manager
+from quantcompose.strategy import QuantSettings
+
+pytestmark = [pytest.mark.slow, requires_real_model]
+
+# Fast fitting for tests: fewer greedy steps than the default (accuracy is the benchmark's job).
+FAST = {"duquant": {"steps": 8}, "rtn": {}}
+STRATEGIES = sorted(get_plugin_manager().strategies())
+
+
+def _quantized_copy(method: str, wbits: int, abits: int, nsamples: int = 2, seqlen: int = 128):
+    model, tokenizer = load_smollm2()
+    model = copy.deepcopy(model)
+    calib = calibration_tokens("random", tokenizer, nsamples=nsamples, seqlen=seqlen, seed=0,
+                               vocab_size=model.config.vocab_size)
+    report = quantize_model(model, calib, method, QuantSettings(wbits=wbits, abits=abits),
+                            FAST.get(method, {}), progress=False)
+    return model, report
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.mark.parametrize("method", STRATEGIES)
+def test_folding_the_plan_leaves_logits_unchanged(method):
+    """With quantization off (16 bits) a strategy's transforms must be exact."""
+    reference, _ = load_smollm2()
+    tokens = wikitext2_test_tokens()[:, :256]
+    expected = _logits(reference, tokens)
+    model, report = _quantized_copy(method, 16, 16)
+    assert count_quantized(model) == 30 * 7
+    got = _logits(model, tokens)
+    # float32 through 30 layers with online rotations and massive activations
+    # (|x| ~ 3000 at down_proj): stated tolerance 2e-3 absolute on logits of
+    # magnitude ~20, and the predicted tokens agree.
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=2e-3)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.parametrize("method", STRATEGIES)
+def test_w8a8_within_two_percent_of_full_precision(method):
+    reference, _ = load_smollm2()
+    tokens = wikitext2_test_tokens()
+    fp = perplexity(reference, tokens, seqlen=512, max_windows=3, progress=False)
+    model, _ = _quantized_copy(method, 8, 8, nsamples=4, seqlen=256)
+    ppl = perplexity(model, tokens, seqlen=512, max_windows=3, progress=False)
+    assert ppl <= fp * 1.02, f"{method} W8A8 perplexity {ppl:.2f} vs full precision {fp:.2f}"
+
+
+def test_duquant_w4a4_beats_round_to_nearest_by_far():
+    tokens = wikitext2_test_tokens()
+    rtn, _ = _quantized_copy("rtn", 4, 4)
+    duquant, _ = _quantized_copy("duquant", 4, 4)
+    ppl_rtn = perplexity(rtn, tokens, seqlen=512, max_windows=2, progress=False)
+    ppl_dq = perplexity(duquant, tokens, seqlen=512, max_windows=2, progress=False)
+    assert ppl_dq * 5 < ppl_rtn, (ppl_dq, ppl_rtn)
+
+
+def test_save_load_round_trip_gives_identical_logits(tmp_path):
+    from quantcompose.saving import load_quantized, save_quantized
+
+    model, _ = _quantized_copy("duquant", 4, 4)
+    tokenizer = load_smollm2()[1]
+    target = tmp_path / "w4a4"
+    size = save_quantized(model, target, tokenizer=tokenizer)
+    assert size > 0
+    loaded, loaded_tokenizer = load_quantized(target)
+    assert loaded_tokenizer is not None
+    tokens = wikitext2_test_tokens()[:, :128]
+    assert torch.equal(_logits(loaded, tokens), _logits(model, tokens))
+    # int4 codes are stored packed: half a byte per weight
+    q = loaded.model.layers[3].mlp.down_proj
+    assert q.weight_codes.shape == (q.out_features, q.in_features // 2)
