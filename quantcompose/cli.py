@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weight-sym", action="store_true", help="symmetric weight quantizer (default: asymmetric)")
     q.add_argument("--act-sym", action="store_true", help="symmetric activation quantizer (default: asymmetric)")
     q.add_argument("--group-size", type=int, default=None, help="per-group weight quantization with this group size")
+    q.add_argument("--weight-quantizer", choices=("rtn", "gptq"), default="rtn",
+                   help="round weights to nearest (default) or with GPTQ error compensation")
+    q.add_argument("--no-clip-search", action="store_true",
+                   help="use the strategy's static weight clip ratio instead of the per-row clip search")
     q.add_argument("--kv-bits", type=int, default=None, help="also quantize the K/V cache to this many bits")
     q.add_argument("--calib", default="random",
                    help="calibration data: 'random' tokens (default), a text file path, or 'wikitext2' (datasets)")
@@ -111,6 +115,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     settings = QuantSettings(
         wbits=args.wbits, abits=args.abits, weight_symmetric=args.weight_sym, act_symmetric=args.act_sym,
         weight_group_size=args.group_size, kv_bits=args.kv_bits, seed=args.seed,
+        weight_clip_search=not args.no_clip_search, weight_quantizer=args.weight_quantizer,
     )
     manager = get_plugin_manager()
     options = manager.info(args.method).resolve_options(_parse_options(args.opt))

@@ -10,7 +10,7 @@ Only one layer's calibration activations live in memory at a time.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,7 +21,8 @@ from quantcompose.errors import CalibrationError
 from quantcompose.models import InputPlace, get_adapter, get_submodule, set_submodule
 from quantcompose.plugin_manager import StrategyManager, get_plugin_manager
 from quantcompose.qlinear import QuantLinear
-from quantcompose.quant import QuantSpec
+from quantcompose.quant import QuantSpec, clamp_rows, search_clip_ratios
+from quantcompose.quant.gptq import gptq_quantize
 from quantcompose.strategy import PlaceStats, Plan, QuantSettings
 from quantcompose.transforms import Compose, Identity, Scale, Transform
 
@@ -179,6 +180,7 @@ def quantize_layer(
             handle.remove()
 
     plans: list[tuple[InputPlace, Plan]] = []
+    samples: dict[str, torch.Tensor] = {}
     for place in places:
         collector = collectors[place.name]
         if collector.absmax is None:
@@ -189,7 +191,7 @@ def quantize_layer(
             layer_index=layer_index,
             place=place.name,
             act_absmax=collector.absmax.cpu(),
-            act_sample=collector.sample(),
+            act_sample=samples.setdefault(place.name, collector.sample()),
             weights={k: v.cpu() for k, v in weights.items()},
             absorbable=place.absorbable,
         )
@@ -208,21 +210,44 @@ def quantize_layer(
         summary.append({"layer": layer_index, "place": place.name, **_describe(plan, online, absorbed)})
 
     for place, plan in plans:
+        weight_spec = plan.weight_spec
+        per_channel = weight_spec is not None and weight_spec.granularity == "channel"
+        seen = None
+        if per_channel and (settings.weight_clip_search or settings.weight_quantizer == "gptq"):
+            # What the weight will see: the transformed activations.
+            seen = plan.transform(samples[place.name].double())
+            importance = seen.pow(2).mean(dim=0)
+            hessian = seen.T @ seen if settings.weight_quantizer == "gptq" else None
         for name in place.linears:
             linear = get_submodule(layer, name)
             weight, bias = plan.transform.fold_into_weight(
                 linear.weight.data.double(), None if linear.bias is None else linear.bias.data
             )
+            quantized = None
+            if seen is not None:
+                if settings.weight_clip_search:
+                    ratios = search_clip_ratios(weight, weight_spec, importance)
+                else:
+                    ratios = torch.full((weight.shape[0],), weight_spec.clip_ratio, dtype=weight.dtype)
+                range_weight = clamp_rows(weight, ratios)
+                spec = replace(weight_spec, clip_ratio=1.0)
+                if hessian is not None:
+                    quantized = gptq_quantize(weight, hessian, spec, range_weight=range_weight)
+                weight = range_weight
+                layer_spec = spec
+            else:
+                layer_spec = weight_spec
             output_spec = kv_spec if kv_spec is not None and name.endswith(("k_proj", "v_proj")) else None
-            quantized = QuantLinear(
+            module = QuantLinear(
                 weight.to(linear.weight.dtype),
                 bias,
                 transform=online_of[place.name],
                 act_spec=plan.act_spec,
-                weight_spec=plan.weight_spec,
+                weight_spec=layer_spec,
                 output_spec=output_spec,
+                quantized_weight=quantized,
             ).to(linear.weight.device)
-            set_submodule(layer, name, quantized)
+            set_submodule(layer, name, module)
     return summary
 
 

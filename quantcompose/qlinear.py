@@ -20,6 +20,8 @@ class QuantLinear(nn.Module):
     folded into the module before this layer (``None`` when all of it was).
     Weights are stored as integer codes — int4 packed two per byte — with
     their scales and zero points; ``weight_spec=None`` keeps a float weight.
+    ``quantized_weight`` passes codes made elsewhere (GPTQ) instead of
+    rounding ``weight`` to nearest.
     """
 
     def __init__(
@@ -30,6 +32,7 @@ class QuantLinear(nn.Module):
         act_spec: QuantSpec | None = None,
         weight_spec: QuantSpec | None = None,
         output_spec: QuantSpec | None = None,
+        quantized_weight: QuantizedTensor | None = None,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
@@ -56,7 +59,8 @@ class QuantLinear(nn.Module):
             self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
             self.packed = False
         else:
-            q = quantize(weight.detach().float(), weight_spec)
+            # A weight quantizer such as GPTQ may hand over its own codes.
+            q = quantized_weight if quantized_weight is not None else quantize(weight.detach().float(), weight_spec)
             codes = q.codes.reshape(self.out_features, self.in_features)
             self.packed = weight_spec.bits <= 4 and self.in_features % 2 == 0
             if self.packed:

@@ -29,6 +29,12 @@ class QuantSettings:
     weight_group_size: int | None = None
     kv_bits: int | None = None  # quantize the K/V cache to this width (None: keep float)
     seed: int = 0
+    # Per-row weight clipping picked by an activation-weighted error search
+    # (quant/clip_search.py); replaces a strategy's static weight clip ratio.
+    weight_clip_search: bool = True
+    # How weights are rounded: "rtn" (to nearest) or "gptq" (error-compensating,
+    # Frantar et al. 2023). Applies to every strategy alike.
+    weight_quantizer: str = "rtn"
 
     def __post_init__(self) -> None:
         for name in ("wbits", "abits"):
@@ -42,6 +48,10 @@ class QuantSettings:
                 raise QuantSpecError(
                     f"{name}={value} is not supported: use 2..8 bits, or 16 for no quantization."
                 )
+        if self.weight_quantizer not in ("rtn", "gptq"):
+            raise QuantSpecError(
+                f"weight_quantizer={self.weight_quantizer!r} is unknown: use 'rtn' or 'gptq'."
+            )
         if self.kv_bits is not None and not (2 <= self.kv_bits <= 8):
             raise QuantSpecError(f"kv_bits={self.kv_bits!r} is out of range: use 2..8 or leave it unset.")
 

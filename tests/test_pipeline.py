@@ -132,3 +132,14 @@ def test_split_absorbable():
     assert absorbed is s and online is p
     assert split_absorbable(p, "diagonal") == (None, p)
     assert split_absorbable(Compose([s, p]), "none")[0] is None
+
+
+@pytest.mark.parametrize("method", sorted(StrategyManager().strategies()))
+def test_every_installed_strategy_folds_exactly_on_a_toy_llama(method):
+    model = tiny_llama(kv_heads=2).double()
+    tokens = torch.randint(0, 128, (2, 24))
+    before = _logits(model, tokens)
+    options = {"block_size": 32, "steps": 4} if method == "duquant" else {}
+    quantize_model(model, torch.randint(0, 128, (3, 16)), method, QuantSettings(wbits=16, abits=16), options,
+                   progress=False)
+    torch.testing.assert_close(_logits(model, tokens), before, rtol=1e-9, atol=1e-9)

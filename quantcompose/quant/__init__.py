@@ -7,6 +7,7 @@ from quantcompose.quant.functional import (
     fake_quantize,
     quantize,
 )
+from quantcompose.quant.clip_search import clamp_rows, search_clip_ratios
 from quantcompose.quant.packing import pack_int4, unpack_int4
 from quantcompose.quant.spec import QuantSpec
 
@@ -19,4 +20,6 @@ __all__ = [
     "fake_quantize",
     "pack_int4",
     "unpack_int4",
+    "search_clip_ratios",
+    "clamp_rows",
 ]

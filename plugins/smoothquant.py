@@ -1,0 +1,47 @@
+"""SmoothQuant: migrate activation outliers into the weights with a diagonal scale.
+
+Xiao et al., "SmoothQuant: Accurate and Efficient Post-Training Quantization
+for Large Language Models" (ICML 2023): ``x·diag(1/s)`` and ``diag(s)·W`` with
+``s_j = max|X_j|^α / max|W_j|^(1−α)``. The scale folds into the norm (or
+``up_proj``), so nothing runs online except where grouped-query attention
+stops ``v_proj`` from absorbing it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quantcompose.hookspecs import hookimpl
+from quantcompose.strategy import Option, Plan, PlaceStats, QuantSettings, StrategyInfo
+from quantcompose.transforms import Scale
+
+from ._duquant_rotation import smooth_factors
+
+NAME = "smoothquant"
+
+
+@hookimpl
+def quantcompose_strategy_info() -> StrategyInfo:
+    return StrategyInfo(
+        NAME,
+        "SmoothQuant: per-channel smoothing scale folded into the previous module (arXiv 2211.10438)",
+        options={
+            "alpha": Option(0.5, "migration strength α in [0, 1] (paper: 0.5 for most models)"),
+            "act_clip": Option(1.0, "activation clipping ratio in (0, 1]"),
+            "weight_clip": Option(1.0, "weight clipping ratio in (0, 1]"),
+        },
+    )
+
+
+@hookimpl
+def quantcompose_plan(
+    method: str, stats: PlaceStats, options: dict[str, Any], settings: QuantSettings
+) -> Plan | None:
+    if method != NAME:
+        return None
+    s = smooth_factors(stats.act_absmax, stats.weight_absmax(), float(options["alpha"]))
+    return Plan(
+        transform=Scale(1.0 / s),
+        act_spec=settings.act_spec(options["act_clip"]),
+        weight_spec=settings.weight_spec(options["weight_clip"]),
+    )

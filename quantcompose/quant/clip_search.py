@@ -1,0 +1,57 @@
+"""Per-row clipping search for weight quantizers.
+
+A few large weights in a row stretch its quantization step for all the
+others; clipping the row's range trades their error for everyone else's. The
+search picks, per output row, the ratio on a grid that minimises the
+importance-weighted squared error ``Σ_k h_k (w_k − q(w_k))²`` where ``h_k`` is
+the mean square of input channel ``k`` (the diagonal of ``XᵀX``), so errors
+on channels that carry large activations count for more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from quantcompose.errors import ShapeError
+from quantcompose.quant.functional import fake_quantize
+from quantcompose.quant.spec import QuantSpec
+
+DEFAULT_GRID = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 down to 0.5
+
+
+def search_clip_ratios(
+    weight: torch.Tensor,
+    spec: QuantSpec,
+    importance: torch.Tensor | None = None,
+    grid: tuple[float, ...] = DEFAULT_GRID,
+) -> torch.Tensor:
+    """The best clip ratio per row of ``weight`` (out, in) for a per-channel ``spec``."""
+    if spec.granularity != "channel":
+        raise ShapeError(f"clip search works per output channel; got a {spec.granularity!r} quantizer")
+    w = weight.detach().float()
+    h = torch.ones(w.shape[1]) if importance is None else importance.detach().float().to(w.device)
+    if h.shape != (w.shape[1],):
+        raise ShapeError(f"importance must have shape ({w.shape[1]},), got {tuple(h.shape)}")
+    best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
+    best_ratio = torch.ones(w.shape[0], device=w.device)
+    for ratio in grid:
+        q = fake_quantize(w, replace(spec, clip_ratio=float(ratio)))
+        err = ((q - w).pow(2) * h).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_ratio = torch.where(better, torch.full_like(best_ratio, float(ratio)), best_ratio)
+    return best_ratio
+
+
+def clamp_rows(weight: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
+    """``weight`` clamped per row to ``ratio × [min(row, 0), max(row, 0)]``.
+
+    Quantizing the result with ``clip_ratio=1`` gives the same grid as
+    quantizing the original row with ``clip_ratio=ratio``.
+    """
+    r = ratios.to(weight.dtype).unsqueeze(1)
+    lo = weight.amin(dim=1, keepdim=True).clamp(max=0) * r
+    hi = weight.amax(dim=1, keepdim=True).clamp(min=0) * r
+    return torch.maximum(torch.minimum(weight, hi), lo)
