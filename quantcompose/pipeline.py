@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from quantcompose.errors import CalibrationError
 from quantcompose.models import InputPlace, get_adapter, get_submodule, set_submodule
 from quantcompose.plugin_manager import StrategyManager, get_plugin_manager
-from quantcompose.qlinear import QuantLinear
+from quantcompose.qlinear import QuantLinear, SharedInput
 from quantcompose.quant import QuantSpec, clamp_rows, search_clip_ratios
 from quantcompose.quant.gptq import gptq_quantize
 from quantcompose.strategy import PlaceStats, Plan, QuantSettings
@@ -218,6 +218,7 @@ def quantize_layer(
             seen = plan.transform(samples[place.name].double())
             importance = seen.pow(2).mean(dim=0)
             hessian = seen.T @ seen if settings.weight_quantizer == "gptq" else None
+        shared = SharedInput() if len(place.linears) > 1 else None
         for name in place.linears:
             linear = get_submodule(layer, name)
             weight, bias = plan.transform.fold_into_weight(
@@ -247,6 +248,7 @@ def quantize_layer(
                 output_spec=output_spec,
                 quantized_weight=quantized,
             ).to(linear.weight.device)
+            module.shared_input = shared
             set_submodule(layer, name, module)
     return summary
 
@@ -303,6 +305,9 @@ def quantize_model(
                 manager, sample_rows, generator, kv_spec,
             )
             inputs = [(_layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+            for module in layer.modules():  # free the last batch the siblings shared
+                if isinstance(module, QuantLinear) and module.shared_input is not None:
+                    module.shared_input.clear()
     report.seconds = time.perf_counter() - start
     return report
 

@@ -13,6 +13,25 @@ from quantcompose.quant.functional import QuantizedTensor
 from quantcompose.transforms import Identity, Transform
 
 
+class SharedInput:
+    """Remembers the last ``Q_a(x·T)`` so sibling linears reading the same ``x`` reuse it."""
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int] | None = None
+        self._source: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
+
+    def hit(self, x: torch.Tensor) -> bool:
+        # Same tensor object, unmodified since (its version counter), and no autograd.
+        return self._source is x and self._key == (id(x), x._version) and not torch.is_grad_enabled()
+
+    def store(self, x: torch.Tensor, output: torch.Tensor) -> None:
+        self._source, self._key, self.output = x, (id(x), x._version), output
+
+    def clear(self) -> None:
+        self._source = self.output = self._key = None
+
+
 class QuantLinear(nn.Module):
     """``y = Q_a(x·T) · Q_w(W')ᵀ + b``, where ``W'`` already holds ``T⁻ᵀ``.
 
@@ -54,6 +73,9 @@ class QuantLinear(nn.Module):
         # kernels wherever Triton runs (the CPU interpreter too); "never".
         self.kernels = "auto"
         self._kernel_state: Any = None
+        # Set by the pipeline on linears that read the same activation with the
+        # same transform and quantizer; not saved (a loaded model recomputes).
+        self.shared_input: SharedInput | None = None
         self._kernel_state_device: torch.device | None = None
         if weight_spec is None:
             self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
@@ -117,6 +139,21 @@ class QuantLinear(nn.Module):
             self._kernel_state_device = x.device
         return self._kernel_state
 
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``Q_a(x·T)``; linears that share an input (q/k/v, gate/up) share the work."""
+        shared = self.shared_input
+        if shared is not None and shared.hit(x):
+            return shared.output
+        if self.transform is not None:
+            x_in, x = x, self.transform(x)
+        else:
+            x_in = x
+        if self.act_spec is not None:
+            x = fake_quantize(x, self.act_spec)
+        if shared is not None:
+            shared.store(x_in, x)
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self._kernels_for(x)
         if state is not None:
@@ -124,10 +161,7 @@ class QuantLinear(nn.Module):
 
             y = kernel_forward(self, state, x)
             return fake_quantize(y, self.output_spec) if self.output_spec is not None else y
-        if self.transform is not None:
-            x = self.transform(x)
-        if self.act_spec is not None:
-            x = fake_quantize(x, self.act_spec)
+        x = self.quantize_input(x)
         weight = self.dequantized_weight()
         bias = self.bias
         if weight.dtype != x.dtype:
