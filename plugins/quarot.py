@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from quantcompose.hookspecs import hookimpl
-from quantcompose.strategy import Option, Plan, PlaceStats, QuantSettings, StrategyInfo
+from quantcompose.strategy import Option, Plan, PlaceStats, QuantSettings, StrategyInfo, clip_options, clipped_plan
 from quantcompose.transforms import Hadamard
 
 NAME = "quarot"
@@ -31,8 +31,7 @@ def quantcompose_strategy_info() -> StrategyInfo:
         "QuaRot-style randomized Hadamard rotation, online at every input place (arXiv 2404.00456)",
         options={
             "random_signs": Option(True, "multiply by random ±1 signs before the Hadamard"),
-            "act_clip": Option(1.0, "activation clipping ratio in (0, 1] (QuaRot uses 0.9)"),
-            "weight_clip": Option(1.0, "weight clipping ratio in (0, 1]"),
+            **clip_options(1.0, 1.0),
         },
     )
 
@@ -48,8 +47,4 @@ def quantcompose_plan(
         transform = Hadamard.random(stats.width, generator=torch.Generator().manual_seed(seed))
     else:
         transform = Hadamard(stats.width)
-    return Plan(
-        transform=transform,
-        act_spec=settings.act_spec(options["act_clip"]),
-        weight_spec=settings.weight_spec(options["weight_clip"]),
-    )
+    return clipped_plan(transform, options, settings)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from quantcompose.hookspecs import hookimpl
-from quantcompose.strategy import Option, Plan, PlaceStats, QuantSettings, StrategyInfo
+from quantcompose.strategy import Plan, PlaceStats, QuantSettings, StrategyInfo, clip_options, clipped_plan
 from quantcompose.transforms import Identity
 
 NAME = "rtn"
@@ -17,8 +17,7 @@ def quantcompose_strategy_info() -> StrategyInfo:
         NAME,
         "round-to-nearest with no transform (per-token activations, per-channel weights)",
         options={
-            "act_clip": Option(1.0, "activation clipping ratio in (0, 1]"),
-            "weight_clip": Option(1.0, "weight clipping ratio in (0, 1]"),
+            **clip_options(1.0, 1.0),
         },
     )
 
@@ -29,8 +28,4 @@ def quantcompose_plan(
 ) -> Plan | None:
     if method != NAME:
         return None
-    return Plan(
-        transform=Identity(stats.width),
-        act_spec=settings.act_spec(options["act_clip"]),
-        weight_spec=settings.weight_spec(options["weight_clip"]),
-    )
+    return clipped_plan(Identity(stats.width), options, settings)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from quantcompose.hookspecs import hookimpl
-from quantcompose.strategy import Option, Plan, PlaceStats, QuantSettings, StrategyInfo
+from quantcompose.strategy import Option, Plan, PlaceStats, QuantSettings, StrategyInfo, clip_options, clipped_plan
 from quantcompose.transforms import Scale
 
 from ._duquant_rotation import smooth_factors
@@ -27,8 +27,7 @@ def quantcompose_strategy_info() -> StrategyInfo:
         "SmoothQuant: per-channel smoothing scale folded into the previous module (arXiv 2211.10438)",
         options={
             "alpha": Option(0.5, "migration strength α in [0, 1] (paper: 0.5 for most models)"),
-            "act_clip": Option(1.0, "activation clipping ratio in (0, 1]"),
-            "weight_clip": Option(1.0, "weight clipping ratio in (0, 1]"),
+            **clip_options(1.0, 1.0),
         },
     )
 
@@ -40,8 +39,4 @@ def quantcompose_plan(
     if method != NAME:
         return None
     s = smooth_factors(stats.act_absmax, stats.weight_absmax(), float(options["alpha"]))
-    return Plan(
-        transform=Scale(1.0 / s),
-        act_spec=settings.act_spec(options["act_clip"]),
-        weight_spec=settings.weight_spec(options["weight_clip"]),
-    )
+    return clipped_plan(Scale(1.0 / s), options, settings)

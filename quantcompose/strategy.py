@@ -153,3 +153,20 @@ class StrategyInfo:
         for key, value in given.items():
             resolved[key] = self.options[key].parse(value) if isinstance(value, str) else value
         return resolved
+
+
+def clip_options(act_clip: float = 1.0, weight_clip: float = 1.0) -> dict[str, Option]:
+    """The two clipping options most strategies offer, with their defaults."""
+    return {
+        "act_clip": Option(act_clip, "activation clipping ratio in (0, 1]"),
+        "weight_clip": Option(weight_clip, "weight clipping ratio in (0, 1]"),
+    }
+
+
+def clipped_plan(transform: Transform, options: dict[str, Any], settings: QuantSettings) -> Plan:
+    """A plan with the user's quantizers, clipped by the ``act_clip`` / ``weight_clip`` options."""
+    return Plan(
+        transform=transform,
+        act_spec=settings.act_spec(options["act_clip"]),
+        weight_spec=settings.weight_spec(options["weight_clip"]),
+    )
