@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from torch import nn
 
 from quantcompose.strategy import Absorbable
@@ -54,6 +53,3 @@ class ModelAdapter:
 
     def places(self, layer: nn.Module) -> list[InputPlace]:
         raise NotImplementedError
-
-    def embed_device(self) -> torch.device:
-        return next(self.model.parameters()).device
