@@ -64,8 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablation", action="store_true", help="run DuQuant's component ablation at W4A4")
     parser.add_argument("--opt", action="append", default=[], metavar="METHOD:KEY=VALUE")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--weight-quantizer", choices=("rtn", "gptq"), default="rtn")
-    parser.add_argument("--no-clip-search", action="store_true")
+    defaults = QuantSettings()
+    parser.add_argument("--weight-quantizer", choices=("rtn", "gptq"), default=defaults.weight_quantizer)
+    parser.add_argument("--no-clip-search", action="store_true", help="static weight clip ratio instead of the search")
+    parser.add_argument("--act-clip-search", action=argparse.BooleanOptionalAction, default=defaults.act_clip_search,
+                        help="search each place's activation clip ratio (default: %(default)s)")
     args = parser.parse_args(argv)
 
     user_options: dict[str, dict[str, str]] = {}
@@ -84,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"model={args.model} eval=WikiText-2 test, first {args.max_windows} windows of {args.seqlen} tokens; "
           f"calibration={args.calib} {args.nsamples}x{args.calib_seqlen}; weights={args.weight_quantizer}"
-          f"{'' if args.no_clip_search else ' + clip search'}; torch threads={torch.get_num_threads()}")
+          f"{'' if args.no_clip_search else ' + clip search'}; activation clip "
+          f"{'search' if args.act_clip_search else 'static'}; torch threads={torch.get_num_threads()}")
     start = time.perf_counter()
     fp = perplexity(model, eval_tokens, seqlen=args.seqlen, max_windows=args.max_windows, progress=False)
     print(f"{'setting':34s} {'bits':8s} {'ppl':>9s} {'x fp':>7s} {'quant s':>8s}", flush=True)
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         label, method, wbits, abits, options = parse_row(row, user_options)
         fresh = float_copy(model, pristine)
         settings = QuantSettings(wbits=wbits, abits=abits, seed=args.seed, weight_quantizer=args.weight_quantizer,
-                                 weight_clip_search=not args.no_clip_search)
+                                 weight_clip_search=not args.no_clip_search, act_clip_search=args.act_clip_search)
         resolved = manager.info(method).resolve_options(options)
         report = quantize_model(fresh, calib, method, settings, resolved, manager=manager, progress=False)
         ppl = perplexity(fresh, eval_tokens, seqlen=args.seqlen, max_windows=args.max_windows, progress=False)

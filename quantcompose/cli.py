@@ -46,10 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weight-sym", action="store_true", help="symmetric weight quantizer (default: asymmetric)")
     q.add_argument("--act-sym", action="store_true", help="symmetric activation quantizer (default: asymmetric)")
     q.add_argument("--group-size", type=int, default=None, help="per-group weight quantization with this group size")
-    q.add_argument("--weight-quantizer", choices=("rtn", "gptq"), default="rtn",
-                   help="round weights to nearest (default) or with GPTQ error compensation")
+    from quantcompose.strategy import QuantSettings
+
+    defaults = QuantSettings()
+    q.add_argument("--weight-quantizer", choices=("rtn", "gptq"), default=defaults.weight_quantizer,
+                   help="round weights to nearest, or with GPTQ error compensation (default: %(default)s)")
     q.add_argument("--no-clip-search", action="store_true",
                    help="use the strategy's static weight clip ratio instead of the per-row clip search")
+    q.add_argument("--act-clip-search", action=argparse.BooleanOptionalAction, default=defaults.act_clip_search,
+                   help="pick each place's activation clip ratio by the output error it causes, instead of "
+                   "the strategy's static ratio (default: %(default)s)")
     q.add_argument("--kv-bits", type=int, default=None, help="also quantize the K/V cache to this many bits")
     q.add_argument("--calib", default="random",
                    help="calibration data: 'random' tokens (default), a text file path, or 'wikitext2' (datasets)")
@@ -116,6 +122,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         wbits=args.wbits, abits=args.abits, weight_symmetric=args.weight_sym, act_symmetric=args.act_sym,
         weight_group_size=args.group_size, kv_bits=args.kv_bits, seed=args.seed,
         weight_clip_search=not args.no_clip_search, weight_quantizer=args.weight_quantizer,
+        act_clip_search=args.act_clip_search,
     )
     manager = get_plugin_manager()
     options = manager.info(args.method).resolve_options(_parse_options(args.opt))

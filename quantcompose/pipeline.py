@@ -21,7 +21,7 @@ from quantcompose.errors import CalibrationError
 from quantcompose.models import InputPlace, get_adapter, get_submodule, set_submodule
 from quantcompose.plugin_manager import StrategyManager, get_plugin_manager
 from quantcompose.qlinear import QuantLinear, SharedInput
-from quantcompose.quant import QuantSpec, clamp_rows, search_clip_ratios
+from quantcompose.quant import QuantSpec, clamp_rows, fake_quantize, search_act_clip_ratio, search_clip_ratios
 from quantcompose.quant.gptq import gptq_quantize
 from quantcompose.strategy import PlaceStats, Plan, QuantSettings
 from quantcompose.transforms import Compose, Identity, Scale, Transform
@@ -38,6 +38,10 @@ class QuantizationReport:
     places: list[dict[str, Any]] = field(default_factory=list)
 
 
+#: Calibration rows scoring each activation clip ratio (a strided subsample).
+ACT_SEARCH_ROWS = 256
+
+
 class _StopForward(Exception):
     """Raised by the capture hook once the first layer's inputs are recorded."""
 
@@ -45,11 +49,18 @@ class _StopForward(Exception):
 class _ActivationStats:
     """Running per-channel max |x| and a random subsample of rows for one place."""
 
-    def __init__(self, total_rows: int, sample_rows: int, generator: torch.Generator) -> None:
+    def __init__(
+        self, total_rows: int, sample_rows: int, generator: torch.Generator, second_moment: bool = False
+    ) -> None:
         self.keep_fraction = min(1.0, sample_rows / max(total_rows, 1))
         self.generator = generator
         self.absmax: torch.Tensor | None = None
         self.rows: list[torch.Tensor] = []
+        # XᵀX over *all* calibration rows (GPTQ's Hessian): a subsample of a
+        # few thousand rows under-determines it for the 1536-wide down_proj.
+        self.second_moment = second_moment
+        self.xtx: torch.Tensor | None = None
+        self.count = 0
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         x = args[0].detach()
@@ -59,6 +70,12 @@ class _ActivationStats:
         keep = max(1, round(flat.shape[0] * self.keep_fraction))
         index = torch.randperm(flat.shape[0], generator=self.generator)[:keep].to(flat.device)
         self.rows.append(flat.index_select(0, index).cpu())
+        self.count += flat.shape[0]
+        if self.second_moment:
+            # float32 accumulation is ample for the few thousand rows of a calibration set.
+            if self.xtx is None:
+                self.xtx = torch.zeros(flat.shape[1], flat.shape[1], device=flat.device)
+            self.xtx.addmm_(flat.T, flat)
 
     def sample(self) -> torch.Tensor:
         return torch.cat(self.rows)
@@ -167,7 +184,8 @@ def quantize_layer(
 ) -> list[dict[str, Any]]:
     """Calibrate, plan, fold and quantize one decoder layer in place."""
     total_rows = sum(hidden.shape[0] * hidden.shape[1] for hidden, _ in inputs)
-    collectors = {p.name: _ActivationStats(total_rows, sample_rows, generator) for p in places}
+    gptq = settings.weight_quantizer == "gptq"
+    collectors = {p.name: _ActivationStats(total_rows, sample_rows, generator, gptq) for p in places}
     handles = [
         get_submodule(layer, p.linears[0]).register_forward_pre_hook(collectors[p.name]) for p in places
     ]
@@ -209,48 +227,96 @@ def quantize_layer(
         online_of[place.name] = online
         summary.append({"layer": layer_index, "place": place.name, **_describe(plan, online, absorbed)})
 
-    for place, plan in plans:
-        weight_spec = plan.weight_spec
-        per_channel = weight_spec is not None and weight_spec.granularity == "channel"
-        seen = None
-        if per_channel and (settings.weight_clip_search or settings.weight_quantizer == "gptq"):
-            # What the weight will see: the transformed activations.
-            seen = plan.transform(samples[place.name].double())
-            importance = seen.pow(2).mean(dim=0)
-            hessian = seen.T @ seen if settings.weight_quantizer == "gptq" else None
-        shared = SharedInput() if len(place.linears) > 1 else None
-        for name in place.linears:
-            linear = get_submodule(layer, name)
-            weight, bias = plan.transform.fold_into_weight(
-                linear.weight.data.double(), None if linear.bias is None else linear.bias.data
-            )
-            quantized = None
-            if seen is not None:
-                if settings.weight_clip_search:
-                    ratios = search_clip_ratios(weight, weight_spec, importance)
-                else:
-                    ratios = torch.full((weight.shape[0],), weight_spec.clip_ratio, dtype=weight.dtype)
-                range_weight = clamp_rows(weight, ratios)
-                spec = replace(weight_spec, clip_ratio=1.0)
-                if hessian is not None:
-                    quantized = gptq_quantize(weight, hessian, spec, range_weight=range_weight)
-                weight = range_weight
-                layer_spec = spec
-            else:
-                layer_spec = weight_spec
-            output_spec = kv_spec if kv_spec is not None and name.endswith(("k_proj", "v_proj")) else None
-            module = QuantLinear(
-                weight.to(linear.weight.dtype),
-                bias,
-                transform=online_of[place.name],
-                act_spec=plan.act_spec,
-                weight_spec=layer_spec,
-                output_spec=output_spec,
-                quantized_weight=quantized,
-            ).to(linear.weight.device)
-            module.shared_input = shared
-            set_submodule(layer, name, module)
+    for entry, (place, plan) in zip(summary, plans):
+        xtx = collectors[place.name].xtx
+        if xtx is not None:
+            xtx = xtx.double().cpu() / collectors[place.name].count
+        act_spec = _quantize_place(layer, place, plan, online_of[place.name], samples[place.name], xtx, settings, kv_spec)
+        if act_spec is not None:
+            entry["act"] = str(act_spec)
     return summary
+
+
+def _quantize_place(
+    layer: nn.Module,
+    place: InputPlace,
+    plan: Plan,
+    online: Transform | None,
+    sample: torch.Tensor,
+    xtx: torch.Tensor | None,  # mean xᵀx over all calibration rows, for GPTQ
+    settings: QuantSettings,
+    kv_spec: QuantSpec | None,
+) -> QuantSpec | None:
+    """Fold ``plan``'s transform into the place's linears and replace them by QuantLinears.
+
+    Returns the activation quantizer used (its clip ratio searched when
+    ``settings.act_clip_search``).
+    """
+    linears = [get_submodule(layer, name) for name in place.linears]
+    folded = [
+        plan.transform.fold_into_weight(lin.weight.data.double(), None if lin.bias is None else lin.bias.data)
+        for lin in linears
+    ]
+    weights = [w for w, _ in folded]
+    spec = plan.weight_spec
+    per_channel = spec is not None and spec.granularity == "channel"
+    act_spec = plan.act_spec
+    search_act = act_spec is not None and settings.act_clip_search
+    # What the weights will see: the transformed calibration activations.
+    seen = plan.transform(sample.float()) if search_act or per_channel else None
+    if search_act:
+        # A strided subsample spans every calibration batch and keeps e·G·eᵀ cheap.
+        gram = sum(w.T @ w for w in weights)
+        act_rows = seen[:: max(1, seen.shape[0] // ACT_SEARCH_ROWS)]
+        act_spec = replace(act_spec, clip_ratio=search_act_clip_ratio(act_rows, act_spec, gram))
+    specs: list[QuantSpec | None] = [spec] * len(linears)
+    quantized: list[Any] = [None] * len(linears)
+    if per_channel and (settings.weight_clip_search or xtx is not None):
+        # Per-row ranges and GPTQ are about the activations the weights will
+        # see; sibling linears share those, so they are stacked and done once.
+        stacked = torch.cat(weights)
+        hessian = None
+        if xtx is not None:
+            # (XT)ᵀ(XT) = Tᵀ(XᵀX)T: transform the rows of the symmetric XᵀX, then the columns.
+            hessian = plan.transform(plan.transform(xtx).T)
+            if act_spec is not None:
+                # The weights will meet quantized activations x̃ = xT + e, and
+                # E[x̃ᵀx̃] = TᵀxᵀxT + E[eᵀe] (the cross terms are negligible):
+                # the quantization noise acts as a data-driven damping.
+                noise = (fake_quantize(seen, act_spec) - seen).double()
+                hessian = hessian + noise.T @ noise / noise.shape[0]
+        if settings.weight_clip_search:
+            importance = seen.pow(2).mean(dim=0)
+            ratios = search_clip_ratios(stacked, spec, importance)
+        else:
+            ratios = torch.full((stacked.shape[0],), spec.clip_ratio, dtype=stacked.dtype)
+        range_weight = clamp_rows(stacked, ratios)
+        spec = replace(spec, clip_ratio=1.0)
+        specs = [spec] * len(linears)
+        rows = [w.shape[0] for w in weights]
+        if hessian is not None:
+            q = gptq_quantize(stacked, hessian, spec, range_weight=range_weight)
+            quantized = [
+                replace(q, codes=c, scale=s, zero_point=z, shape=torch.Size((c.shape[0], c.shape[1])))
+                for c, s, z in zip(q.codes.split(rows), q.scale.split(rows), q.zero_point.split(rows))
+            ]
+        weights = list(range_weight.split(rows))
+
+    shared = SharedInput() if len(linears) > 1 else None
+    for name, linear, weight, (_, bias), layer_spec, q in zip(place.linears, linears, weights, folded, specs, quantized):
+        output_spec = kv_spec if kv_spec is not None and name.endswith(("k_proj", "v_proj")) else None
+        module = QuantLinear(
+            weight.to(linear.weight.dtype),
+            bias,
+            transform=online,
+            act_spec=act_spec,
+            weight_spec=layer_spec,
+            output_spec=output_spec,
+            quantized_weight=q,
+        ).to(linear.weight.device)
+        module.shared_input = shared
+        set_submodule(layer, name, module)
+    return act_spec
 
 
 def quantize_model(

@@ -32,6 +32,10 @@ class QuantSettings:
     # Per-row weight clipping picked by an activation-weighted error search
     # (quant/clip_search.py); replaces a strategy's static weight clip ratio.
     weight_clip_search: bool = True
+    # One activation clip ratio per input place, picked by the output error it
+    # causes on calibration activations (quant/clip_search.py); replaces a
+    # strategy's static activation clip ratio.
+    act_clip_search: bool = False
     # How weights are rounded: "rtn" (to nearest) or "gptq" (error-compensating,
     # Frantar et al. 2023). Applies to every strategy alike.
     weight_quantizer: str = "rtn"

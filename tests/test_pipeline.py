@@ -80,6 +80,28 @@ def test_quantized_toy_model_runs_and_degrades_gracefully():
     assert isinstance(layer, QuantLinear) and layer.weight_codes.dtype == torch.uint8
 
 
+def _quantized_error(settings: QuantSettings) -> tuple[float, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = tiny_llama()
+    tokens = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    before = _logits(model, tokens)
+    calib = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(2))
+    quantize_model(model, calib, "duquant", settings, {"block_size": 16, "steps": 8}, progress=False)
+    after = _logits(model, tokens)
+    return float((after - before).norm() / before.norm()), model
+
+
+def test_gptq_weights_and_act_clip_search_run_through_the_pipeline():
+    base, _ = _quantized_error(QuantSettings(wbits=4, abits=16, weight_clip_search=False))
+    gptq, model = _quantized_error(QuantSettings(wbits=4, abits=16, weight_clip_search=False, weight_quantizer="gptq"))
+    assert 0 < gptq < base  # GPTQ compensates the rounding error RTN leaves
+    q, k = model.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.k_proj
+    assert q.weight_codes.shape[0] == q.out_features and k.weight_codes.shape[0] == k.out_features
+    _, model = _quantized_error(QuantSettings(wbits=16, abits=4, act_clip_search=True))
+    ratios = {m.act_spec.clip_ratio for m in model.modules() if isinstance(m, QuantLinear)}
+    assert ratios and all(0.6 <= r <= 1.0 for r in ratios)
+
+
 def test_int4_weights_are_packed():
     model = tiny_llama()
     quantize_model(model, torch.randint(0, 128, (2, 16)), "rtn", QuantSettings(wbits=4, abits=16), progress=False)

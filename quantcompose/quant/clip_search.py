@@ -1,4 +1,4 @@
-"""Per-row clipping search for weight quantizers.
+"""Clipping searches: per row for weight quantizers, per place for activations.
 
 A few large weights in a row stretch its quantization step for all the
 others; clipping the row's range trades their error for everyone else's. The
@@ -6,6 +6,11 @@ search picks, per output row, the ratio on a grid that minimises the
 importance-weighted squared error ``Σ_k h_k (w_k − q(w_k))²`` where ``h_k`` is
 the mean square of input channel ``k`` (the diagonal of ``XᵀX``), so errors
 on channels that carry large activations count for more.
+
+Activations are quantized per token at run time, so their ratio cannot be
+chosen per row; :func:`search_act_clip_ratio` picks one ratio for a whole
+input place, the one whose quantization error, pushed through the consuming
+weights, is smallest on a calibration sample.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from quantcompose.quant.functional import fake_quantize
 from quantcompose.quant.spec import QuantSpec
 
 DEFAULT_GRID = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 down to 0.5
+ACT_GRID = tuple(1.0 - 0.05 * i for i in range(9))  # 1.0 down to 0.6
 
 
 def search_clip_ratios(
@@ -55,3 +61,31 @@ def clamp_rows(weight: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
     lo = weight.amin(dim=1, keepdim=True).clamp(max=0) * r
     hi = weight.amax(dim=1, keepdim=True).clamp(min=0) * r
     return torch.maximum(torch.minimum(weight, hi), lo)
+
+
+def search_act_clip_ratio(
+    sample: torch.Tensor,
+    spec: QuantSpec,
+    weight_gram: torch.Tensor,
+    grid: tuple[float, ...] = ACT_GRID,
+) -> float:
+    """The activation clip ratio on ``grid`` with the least output error.
+
+    ``sample`` (tokens, in) holds the activations as the quantizer sees them
+    (after the transform); ``weight_gram`` is ``Σ WᵀW`` (in, in) over the
+    linears that consume them, so ``e·G·eᵀ`` is the squared output error that
+    the activation error ``e`` causes.
+    """
+    if spec.granularity != "token":
+        raise ShapeError(f"activation clip search works per token; got a {spec.granularity!r} quantizer")
+    x = sample.detach().float()
+    g = weight_gram.detach().float().to(x.device)
+    if g.shape != (x.shape[1], x.shape[1]):
+        raise ShapeError(f"weight_gram must be ({x.shape[1]}, {x.shape[1]}), got {tuple(g.shape)}")
+    best_ratio, best_err = 1.0, float("inf")
+    for ratio in grid:
+        e = fake_quantize(x, replace(spec, clip_ratio=float(ratio))) - x
+        err = float(((e @ g) * e).sum())
+        if err < best_err:
+            best_ratio, best_err = float(ratio), err
+    return best_ratio
