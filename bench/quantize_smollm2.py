@@ -7,7 +7,10 @@ evaluation windows, so the methods are compared side by side:
     python bench/quantize_smollm2.py --ablation           # DuQuant's component ablation at W4A4
     python bench/quantize_smollm2.py --rows rtn:4:4 duquant:4:4 --opt duquant:alpha=0.5
 
-A row is ``METHOD:WBITS:ABITS`` or ``duquant-ablation:NAME``. The model is
+A row is ``METHOD:WBITS:ABITS`` or ``duquant-ablation:NAME[:WBITS:ABITS]``,
+optionally followed by ``:KEY=VALUE`` items that apply to that row only: a
+``QuantSettings`` field (``weight_quantizer=gptq``, ``act_clip_search=true``)
+or a strategy option (``alpha=0.5``). The model is
 loaded once and its float state restored before each row; quantization time
 counts calibration and transform fitting only, not loading or evaluation.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -39,16 +43,35 @@ def ablation_rows() -> list[str]:
     return [f"duquant-ablation:{name}" for name in ABLATIONS]
 
 
+SETTING_FIELDS = {f.name: f.type for f in dataclasses.fields(QuantSettings)}
+
+
+def _setting_value(key: str, text: str):
+    default = getattr(QuantSettings(), key)
+    if isinstance(default, bool):
+        return text.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int) or key == "kv_bits":
+        return None if text.lower() == "none" else int(text)
+    return text
+
+
 def parse_row(row: str, user_options: dict[str, dict[str, str]]):
+    """``(label, method, wbits, abits, strategy options, settings overrides)`` for one row."""
     parts = row.split(":")
+    extras = [p for p in parts if "=" in p]
+    parts = [p for p in parts if "=" not in p]
+    overrides: dict[str, str] = dict(pair.split("=", 1) for pair in extras)
+    settings = {k: _setting_value(k, v) for k, v in overrides.items() if k in SETTING_FIELDS}
+    row_options = {k: v for k, v in overrides.items() if k not in SETTING_FIELDS}
+    suffix = f" {','.join(extras)}" if extras else ""
     if parts[0] == "duquant-ablation":
         from quantcompose_plugins.duquant import ABLATIONS
 
-        options = {**ABLATIONS[parts[1]], **user_options.get("duquant", {})}
+        options = {**ABLATIONS[parts[1]], **user_options.get("duquant", {}), **row_options}
         wbits, abits = (int(parts[2]), int(parts[3])) if len(parts) == 4 else (4, 4)
-        return f"duquant[{parts[1]}]", "duquant", wbits, abits, options
+        return f"duquant[{parts[1]}]{suffix}", "duquant", wbits, abits, options, settings
     method, wbits, abits = parts[0], int(parts[1]), int(parts[2])
-    return method, method, wbits, abits, dict(user_options.get(method, {}))
+    return f"{method}{suffix}", method, wbits, abits, {**user_options.get(method, {}), **row_options}, settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-data", default=str(DEFAULT_EVAL))
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=32)
-    parser.add_argument("--calib", default="random")
+    parser.add_argument("--calib", default="random-zipf", help="calibration source (see quantcompose.data.calibration_tokens)")
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--rows", nargs="*", default=None, help="METHOD:WBITS:ABITS or duquant-ablation:NAME[:W:A]")
@@ -91,19 +114,21 @@ def main(argv: list[str] | None = None) -> int:
           f"{'search' if args.act_clip_search else 'static'}; torch threads={torch.get_num_threads()}")
     start = time.perf_counter()
     fp = perplexity(model, eval_tokens, seqlen=args.seqlen, max_windows=args.max_windows, progress=False)
-    print(f"{'setting':34s} {'bits':8s} {'ppl':>9s} {'x fp':>7s} {'quant s':>8s}", flush=True)
-    print(f"{'full precision':34s} {'W16A16':8s} {fp:9.2f} {1.0:7.3f} {'-':>8s}   (eval {time.perf_counter() - start:.0f} s)",
+    print(f"{'setting':44s} {'bits':8s} {'ppl':>9s} {'x fp':>7s} {'quant s':>8s}", flush=True)
+    print(f"{'full precision':44s} {'W16A16':8s} {fp:9.2f} {1.0:7.3f} {'-':>8s}   (eval {time.perf_counter() - start:.0f} s)",
           flush=True)
 
     for row in rows:
-        label, method, wbits, abits, options = parse_row(row, user_options)
+        label, method, wbits, abits, options, overrides = parse_row(row, user_options)
         fresh = float_copy(model, pristine)
-        settings = QuantSettings(wbits=wbits, abits=abits, seed=args.seed, weight_quantizer=args.weight_quantizer,
-                                 weight_clip_search=not args.no_clip_search, act_clip_search=args.act_clip_search)
+        settings = QuantSettings(**{
+            "wbits": wbits, "abits": abits, "seed": args.seed, "weight_quantizer": args.weight_quantizer,
+            "weight_clip_search": not args.no_clip_search, "act_clip_search": args.act_clip_search, **overrides,
+        })
         resolved = manager.info(method).resolve_options(options)
         report = quantize_model(fresh, calib, method, settings, resolved, manager=manager, progress=False)
         ppl = perplexity(fresh, eval_tokens, seqlen=args.seqlen, max_windows=args.max_windows, progress=False)
-        print(f"{label:34s} {f'W{wbits}A{abits}':8s} {ppl:9.2f} {ppl / fp:7.3f} {report.seconds:8.1f}", flush=True)
+        print(f"{label:44s} {f'W{wbits}A{abits}':8s} {ppl:9.2f} {ppl / fp:7.3f} {report.seconds:8.1f}", flush=True)
     return 0
 
 

@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pick each place's activation clip ratio by the output error it causes, instead of "
                    "the strategy's static ratio (default: %(default)s)")
     q.add_argument("--kv-bits", type=int, default=None, help="also quantize the K/V cache to this many bits")
-    q.add_argument("--calib", default="random",
-                   help="calibration data: 'random' tokens (default), a text file path, or 'wikitext2' (datasets)")
+    q.add_argument("--calib", default="random-zipf",
+                   help="calibration data: 'random-zipf' (default: random tokens with a Zipf prior over token ids), "
+                        "'random' (uniform random tokens), a text file path, or 'wikitext2' (datasets)")
     q.add_argument("--nsamples", type=int, default=16, help="calibration sequences (default: %(default)s)")
     q.add_argument("--calib-seqlen", type=int, default=512, help="calibration sequence length (default: %(default)s)")
     q.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="strategy option, repeatable")

@@ -10,8 +10,9 @@ Only one layer's calibration activations live in memory at a time.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -24,6 +25,7 @@ from quantcompose.qlinear import QuantLinear, SharedInput
 from quantcompose.quant import QuantSpec, clamp_rows, fake_quantize, search_act_clip_ratio, search_clip_ratios
 from quantcompose.quant.gptq import gptq_quantize
 from quantcompose.strategy import PlaceStats, Plan, QuantSettings
+from quantcompose.threads import limited_threads
 from quantcompose.transforms import Compose, Identity, Scale, Transform
 
 
@@ -181,8 +183,14 @@ def quantize_layer(
     sample_rows: int,
     generator: torch.Generator,
     kv_spec: QuantSpec | None = None,
+    workers: int = 1,
 ) -> list[dict[str, Any]]:
-    """Calibrate, plan, fold and quantize one decoder layer in place."""
+    """Calibrate, plan, fold and quantize one decoder layer in place.
+
+    ``workers`` threads fit the places' plans and quantize their weights side
+    by side (the strategy's ``quantcompose_plan`` may then run concurrently
+    for different places; results do not depend on ``workers``).
+    """
     total_rows = sum(hidden.shape[0] * hidden.shape[1] for hidden, _ in inputs)
     gptq = settings.weight_quantizer == "gptq"
     collectors = {p.name: _ActivationStats(total_rows, sample_rows, generator, gptq) for p in places}
@@ -197,7 +205,7 @@ def quantize_layer(
         for handle in handles:
             handle.remove()
 
-    plans: list[tuple[InputPlace, Plan]] = []
+    all_stats: list[PlaceStats] = []
     samples: dict[str, torch.Tensor] = {}
     for place in places:
         collector = collectors[place.name]
@@ -213,7 +221,9 @@ def quantize_layer(
             weights={k: v.cpu() for k, v in weights.items()},
             absorbable=place.absorbable,
         )
-        plans.append((place, manager.plan(method, stats, options, settings)))
+        all_stats.append(stats)
+    fitted = _in_parallel(lambda stats: manager.plan(method, stats, options, settings), all_stats, workers)
+    plans: list[tuple[InputPlace, Plan]] = list(zip(places, fitted))
 
     # Output-side folds (into norms, v_proj, up_proj) and input-side folds
     # (into the consuming linears) multiply the weight from opposite sides, so
@@ -227,14 +237,32 @@ def quantize_layer(
         online_of[place.name] = online
         summary.append({"layer": layer_index, "place": place.name, **_describe(plan, online, absorbed)})
 
-    for entry, (place, plan) in zip(summary, plans):
+    def quantize_one(item: tuple[InputPlace, Plan]) -> QuantSpec | None:
+        place, plan = item
         xtx = collectors[place.name].xtx
         if xtx is not None:
             xtx = xtx.double().cpu() / collectors[place.name].count
-        act_spec = _quantize_place(layer, place, plan, online_of[place.name], samples[place.name], xtx, settings, kv_spec)
+        return _quantize_place(layer, place, plan, online_of[place.name], samples[place.name], xtx, settings, kv_spec)
+
+    # Each place replaces its own linears, so places can be quantized side by side.
+    for entry, act_spec in zip(summary, _in_parallel(quantize_one, plans, workers)):
         if act_spec is not None:
             entry["act"] = str(act_spec)
     return summary
+
+
+def _in_parallel(fn: Callable[[Any], Any], items: list[Any], workers: int) -> list[Any]:
+    """``[fn(x) for x in items]``, on ``workers`` threads of one torch thread each.
+
+    Fitting a plan and quantizing a place are loops of small, sequential ops
+    (greedy rotation steps, GPTQ columns) that cannot use a second core
+    themselves, so the places of a layer share the cores instead. torch's
+    thread count is process-wide, hence set once around the whole pool.
+    """
+    if workers <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    with limited_threads(1), ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 def _quantize_place(
@@ -266,7 +294,7 @@ def _quantize_place(
     seen = plan.transform(sample.float()) if search_act or per_channel else None
     if search_act:
         # A strided subsample spans every calibration batch and keeps e·G·eᵀ cheap.
-        gram = sum(w.T @ w for w in weights)
+        gram = sum(w.T.float() @ w.float() for w in weights)  # float32: only ranks ratios
         act_rows = seen[:: max(1, seen.shape[0] // ACT_SEARCH_ROWS)]
         act_spec = replace(act_spec, clip_ratio=search_act_clip_ratio(act_rows, act_spec, gram))
     specs: list[QuantSpec | None] = [spec] * len(linears)
@@ -283,8 +311,8 @@ def _quantize_place(
                 # The weights will meet quantized activations x̃ = xT + e, and
                 # E[x̃ᵀx̃] = TᵀxᵀxT + E[eᵀe] (the cross terms are negligible):
                 # the quantization noise acts as a data-driven damping.
-                noise = (fake_quantize(seen, act_spec) - seen).double()
-                hessian = hessian + noise.T @ noise / noise.shape[0]
+                noise = fake_quantize(seen, act_spec) - seen
+                hessian = hessian + (noise.T @ noise).double() / noise.shape[0]
         if settings.weight_clip_search:
             importance = seen.pow(2).mean(dim=0)
             ratios = search_clip_ratios(stacked, spec, importance)
@@ -296,8 +324,9 @@ def _quantize_place(
         rows = [w.shape[0] for w in weights]
         if hessian is not None:
             q = gptq_quantize(stacked, hessian, spec, range_weight=range_weight)
+            # Each linear owns its pieces: views of one stacked storage cannot be saved (safetensors).
             quantized = [
-                replace(q, codes=c, scale=s, zero_point=z, shape=torch.Size((c.shape[0], c.shape[1])))
+                replace(q, codes=c.clone(), scale=s.clone(), zero_point=z.clone(), shape=torch.Size(c.shape))
                 for c, s, z in zip(q.codes.split(rows), q.scale.split(rows), q.zero_point.split(rows))
             ]
         weights = list(range_weight.split(rows))
@@ -330,6 +359,7 @@ def quantize_model(
     batch_size: int = 4,
     sample_rows: int = 2048,
     progress: bool = True,
+    workers: int | None = None,
 ) -> QuantizationReport:
     """Quantize ``model`` in place with the strategy ``method``.
 
@@ -337,6 +367,9 @@ def quantize_model(
     ``settings.wbits == settings.abits == 16`` nothing is quantized and only
     the transforms are applied: the model must then compute what it computed
     before, which is how the tests prove a method's transforms exact.
+
+    ``workers`` (default: torch's intra-op thread count) is how many places of
+    a layer are fitted and quantized at once, each on one thread.
     """
     settings = settings or QuantSettings()
     manager = manager or get_plugin_manager()
@@ -350,6 +383,7 @@ def quantize_model(
     if vocab is not None and (calib_tokens.min() < 0 or calib_tokens.max() >= vocab):
         raise CalibrationError(f"calibration token ids must lie in [0, {vocab}); got ids outside that range")
 
+    workers = torch.get_num_threads() if workers is None else max(1, int(workers))
     adapter = get_adapter(model)
     report = QuantizationReport(method, settings, resolved)
     start = time.perf_counter()
@@ -368,7 +402,7 @@ def quantize_model(
                 _check_finite(hidden, f"the input of layer {index}")
             report.places += quantize_layer(
                 layer, index, adapter.places(layer), inputs, method, resolved, settings,
-                manager, sample_rows, generator, kv_spec,
+                manager, sample_rows, generator, kv_spec, workers,
             )
             inputs = [(_layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
             for module in layer.modules():  # free the last batch the siblings shared

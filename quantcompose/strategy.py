@@ -34,11 +34,14 @@ class QuantSettings:
     weight_clip_search: bool = True
     # One activation clip ratio per input place, picked by the output error it
     # causes on calibration activations (quant/clip_search.py); replaces a
-    # strategy's static activation clip ratio.
-    act_clip_search: bool = False
+    # strategy's static activation clip ratio. On by default: with GPTQ it took
+    # DuQuant W4A4 on SmolLM2-135M from 1.49x to 1.43x full precision.
+    act_clip_search: bool = True
     # How weights are rounded: "rtn" (to nearest) or "gptq" (error-compensating,
-    # Frantar et al. 2023). Applies to every strategy alike.
-    weight_quantizer: str = "rtn"
+    # Frantar et al. 2023). Applies to every strategy alike. GPTQ is the
+    # default: with a calibration set whose token statistics resemble text
+    # (real text, or "random-zipf" tokens) it is the largest single gain at W4.
+    weight_quantizer: str = "gptq"
 
     def __post_init__(self) -> None:
         for name in ("wbits", "abits"):

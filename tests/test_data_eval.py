@@ -89,6 +89,19 @@ def test_random_calibration_vocab_override() -> None:
     assert int(a.max()) <= 4 and int(a.min()) >= 0
 
 
+def test_zipf_calibration_favours_low_ids_and_is_deterministic() -> None:
+    state = torch.random.get_rng_state()
+    a = calibration_tokens("random-zipf", None, nsamples=8, seqlen=500, seed=1, vocab_size=1000)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert a.shape == (8, 500) and a.dtype == torch.long
+    assert int(a.min()) >= 0 and int(a.max()) < 1000
+    # P(id) ∝ 1/(id + 10): the first 100 ids hold ln(11)/ln(101) ≈ 52% of the mass, not 10%.
+    low = float((a < 100).double().mean())
+    assert 0.45 < low < 0.60
+    assert torch.equal(a, calibration_tokens("random-zipf", None, nsamples=8, seqlen=500, seed=1, vocab_size=1000))
+    assert not torch.equal(a, calibration_tokens("random-zipf", None, nsamples=8, seqlen=500, seed=2, vocab_size=1000))
+
+
 @pytest.mark.parametrize("nsamples,seqlen", [(0, 8), (4, 0), (-1, 8)])
 def test_calibration_rejects_bad_sizes(nsamples: int, seqlen: int) -> None:
     with pytest.raises(CalibrationError):

@@ -92,7 +92,7 @@ def _quantized_error(settings: QuantSettings) -> tuple[float, torch.nn.Module]:
 
 
 def test_gptq_weights_and_act_clip_search_run_through_the_pipeline():
-    base, _ = _quantized_error(QuantSettings(wbits=4, abits=16, weight_clip_search=False))
+    base, _ = _quantized_error(QuantSettings(wbits=4, abits=16, weight_clip_search=False, weight_quantizer="rtn"))
     gptq, model = _quantized_error(QuantSettings(wbits=4, abits=16, weight_clip_search=False, weight_quantizer="gptq"))
     assert 0 < gptq < base  # GPTQ compensates the rounding error RTN leaves
     q, k = model.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.k_proj
@@ -100,6 +100,11 @@ def test_gptq_weights_and_act_clip_search_run_through_the_pipeline():
     _, model = _quantized_error(QuantSettings(wbits=16, abits=4, act_clip_search=True))
     ratios = {m.act_spec.clip_ratio for m in model.modules() if isinstance(m, QuantLinear)}
     assert ratios and all(0.6 <= r <= 1.0 for r in ratios)
+
+
+def test_defaults_are_gptq_with_activation_clip_search():
+    settings = QuantSettings()
+    assert settings.weight_quantizer == "gptq" and settings.act_clip_search
 
 
 def test_int4_weights_are_packed():

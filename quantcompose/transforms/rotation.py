@@ -247,6 +247,8 @@ class BlockRotation(Transform):
             if id(b) not in moved:
                 moved[id(b)] = b.to(device=device, dtype=dtype)
             out.append(moved[id(b)])
+        if dtype is None or all(b.dtype == dtype for b in self.blocks):
+            return BlockRotation._trusted(out)  # same values, only moved: still orthogonal
         # Re-validate: casting to a low precision may break orthogonality beyond tolerance.
         return BlockRotation(out)
 
