@@ -52,4 +52,9 @@ def quantcompose_plan(
     plugin is asked. ``options`` are the strategy's own options, already
     resolved against its defaults; ``settings`` are the user's bit widths and
     quantizer choices. A strategy must not modify the tensors in ``stats``.
+
+    The pipeline may call this hook for the places of one layer at the same
+    time, from worker threads (``quantize_model(workers=...)``), so a strategy
+    must not keep mutable state between calls; derive any randomness from
+    ``settings.seed`` and ``stats`` (layer index and place), as DuQuant does.
     """

@@ -222,7 +222,9 @@ def quantize_layer(
             absorbable=place.absorbable,
         )
         all_stats.append(stats)
-    fitted = _in_parallel(lambda stats: manager.plan(method, stats, options, settings), all_stats, workers)
+    fitted = _in_parallel(
+        lambda stats: manager.plan(method, stats, options, settings), all_stats, workers, cost=lambda st: st.width
+    )
     plans: list[tuple[InputPlace, Plan]] = list(zip(places, fitted))
 
     # Output-side folds (into norms, v_proj, up_proj) and input-side folds
@@ -245,24 +247,34 @@ def quantize_layer(
         return _quantize_place(layer, place, plan, online_of[place.name], samples[place.name], xtx, settings, kv_spec)
 
     # Each place replaces its own linears, so places can be quantized side by side.
-    for entry, act_spec in zip(summary, _in_parallel(quantize_one, plans, workers)):
+    width = lambda item: item[1].transform.size  # noqa: E731 - GPTQ and searches grow with the input width
+    for entry, act_spec in zip(summary, _in_parallel(quantize_one, plans, workers, cost=width)):
         if act_spec is not None:
             entry["act"] = str(act_spec)
     return summary
 
 
-def _in_parallel(fn: Callable[[Any], Any], items: list[Any], workers: int) -> list[Any]:
+def _in_parallel(
+    fn: Callable[[Any], Any], items: list[Any], workers: int, cost: Callable[[Any], float] | None = None
+) -> list[Any]:
     """``[fn(x) for x in items]``, on ``workers`` threads of one torch thread each.
 
     Fitting a plan and quantizing a place are loops of small, sequential ops
     (greedy rotation steps, GPTQ columns) that cannot use a second core
     themselves, so the places of a layer share the cores instead. torch's
     thread count is process-wide, hence set once around the whole pool.
+    Items are started in order of decreasing ``cost`` (the widest place, the
+    1536-wide ``down_proj`` input, first) so that no core is left idle waiting
+    for one long job started last.
     """
     if workers <= 1 or len(items) <= 1:
         return [fn(x) for x in items]
+    order = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost else list(range(len(items)))
+    results: list[Any] = [None] * len(items)
     with limited_threads(1), ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
-        return list(pool.map(fn, items))
+        for i, result in zip(order, pool.map(fn, [items[i] for i in order])):
+            results[i] = result
+    return results
 
 
 def _quantize_place(

@@ -102,6 +102,21 @@ def test_gptq_weights_and_act_clip_search_run_through_the_pipeline():
     assert ratios and all(0.6 <= r <= 1.0 for r in ratios)
 
 
+def test_worker_threads_do_not_change_the_result():
+    # Places are fitted and quantized side by side; the codes must not depend on it.
+    models = []
+    for workers in (1, 2):
+        torch.manual_seed(0)
+        model = tiny_llama()
+        calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(2))
+        quantize_model(model, calib, "duquant", QuantSettings(wbits=4, abits=8), {"block_size": 16, "steps": 8},
+                       progress=False, workers=workers)
+        models.append(model)
+    one, two = ({n: m.weight_codes for n, m in model.named_modules() if isinstance(m, QuantLinear)} for model in models)
+    assert one.keys() == two.keys() and len(one) == 2 * 7
+    assert all(torch.equal(one[n], two[n]) for n in one)
+
+
 def test_defaults_are_gptq_with_activation_clip_search():
     settings = QuantSettings()
     assert settings.weight_quantizer == "gptq" and settings.act_clip_search

@@ -95,3 +95,16 @@ def test_act_clip_search_picks_the_ratio_with_least_output_error():
     assert err(best) <= min(err(r) for r in grid) * (1 + 1e-5)
     with pytest.raises(ShapeError, match="per token"):
         search_act_clip_ratio(x, SPEC, w.T @ w)
+
+
+def test_upper_cholesky_of_inverse_factors_the_inverse():
+    from quantcompose.quant.gptq import upper_cholesky_of_inverse
+
+    x = correlated_inputs(400, 48, seed=6)
+    h = x.T @ x + 1e-3 * torch.eye(48, dtype=torch.float64)
+    u = upper_cholesky_of_inverse(h)
+    assert torch.equal(u, u.triu()) and bool((torch.diagonal(u) > 0).all())
+    torch.testing.assert_close(u.T @ u, torch.linalg.inv(h), rtol=1e-9, atol=1e-12)
+    # the same factor GPTQ's reference recipe (factor, invert, factor again) gives
+    reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    torch.testing.assert_close(u, reference, rtol=1e-9, atol=1e-12)
