@@ -97,7 +97,9 @@ OPTIONS: dict[str, Option] = {
     "block_size": Option(128, "rotation block size (last block may be shorter)"),
     "steps": Option(64, "greedy rotation steps per block (reference --max_rotation_step 256; 64 gives the same W4A4 perplexity on SmolLM2 in a quarter of the time, see docs/benchmarks.md)"),
     "eval_tokens": Option(
-        128, "sample rows (largest norm per block) scoring each greedy step; 0 = all rows"
+        64,
+        "sample rows (largest norm per block) scoring each greedy step; 0 = all rows (64 and 128 gave the "
+        "same W4A4 perplexity on SmolLM2 over three seeds, 64 in less time, see docs/benchmarks.md)",
     ),
     "permute": Option(True, "zigzag permutation between the two rotations"),
     "second_rotation": Option(
