@@ -43,7 +43,7 @@ def ablation_rows() -> list[str]:
     return [f"duquant-ablation:{name}" for name in ABLATIONS]
 
 
-SETTING_FIELDS = {f.name: f.type for f in dataclasses.fields(QuantSettings)}
+SETTING_FIELDS = {f.name for f in dataclasses.fields(QuantSettings)}
 
 
 def _setting_value(key: str, text: str):

@@ -132,7 +132,7 @@ def nearest_orthogonal(m: torch.Tensor) -> torch.Tensor:
 
 
 def _orthonormalize(m: torch.Tensor, iterations: int = 3) -> torch.Tensor:
-    """Polar factors of a batch of *nearly* orthogonal matrices, float64.
+    """Polar factors of a batch ``(count, n, n)`` of *nearly* orthogonal matrices, float64.
 
     Newton–Schulz iterations ``X ← X(3I − XᵀX)/2`` converge quadratically
     when ``‖I − XᵀX‖ < 1``: a float32 product of a few hundred rotations
@@ -142,7 +142,7 @@ def _orthonormalize(m: torch.Tensor, iterations: int = 3) -> torch.Tensor:
     x = m.to(torch.float64)
     eye = torch.eye(x.shape[-1], dtype=torch.float64)
     if float((x.transpose(-1, -2) @ x - eye).abs().amax()) > 1e-2:
-        return torch.stack([nearest_orthogonal(b) for b in x]) if x.dim() == 3 else nearest_orthogonal(x)
+        return torch.stack([nearest_orthogonal(b) for b in x])
     for _ in range(iterations):
         x = 0.5 * x @ (3.0 * eye - x.transpose(-1, -2) @ x)
     return x

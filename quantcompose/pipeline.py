@@ -246,17 +246,16 @@ def quantize_layer(
             xtx = xtx.double().cpu() / collectors[place.name].count
         return _quantize_place(layer, place, plan, online_of[place.name], samples[place.name], xtx, settings, kv_spec)
 
-    # Each place replaces its own linears, so places can be quantized side by side.
-    width = lambda item: item[1].transform.size  # noqa: E731 - GPTQ and searches grow with the input width
-    for entry, act_spec in zip(summary, _in_parallel(quantize_one, plans, workers, cost=width)):
+    # Each place replaces its own linears, so places can be quantized side by side;
+    # GPTQ and the searches grow with the input width.
+    quantized = _in_parallel(quantize_one, plans, workers, cost=lambda item: item[1].transform.size)
+    for entry, act_spec in zip(summary, quantized):
         if act_spec is not None:
             entry["act"] = str(act_spec)
     return summary
 
 
-def _in_parallel(
-    fn: Callable[[Any], Any], items: list[Any], workers: int, cost: Callable[[Any], float] | None = None
-) -> list[Any]:
+def _in_parallel(fn: Callable[[Any], Any], items: list[Any], workers: int, cost: Callable[[Any], float]) -> list[Any]:
     """``[fn(x) for x in items]``, on ``workers`` threads of one torch thread each.
 
     Fitting a plan and quantizing a place are loops of small, sequential ops
@@ -269,7 +268,7 @@ def _in_parallel(
     """
     if workers <= 1 or len(items) <= 1:
         return [fn(x) for x in items]
-    order = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost else list(range(len(items)))
+    order = sorted(range(len(items)), key=lambda i: -cost(items[i]))
     results: list[Any] = [None] * len(items)
     with limited_threads(1), ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
         for i, result in zip(order, pool.map(fn, [items[i] for i in order])):
@@ -302,8 +301,11 @@ def _quantize_place(
     per_channel = spec is not None and spec.granularity == "channel"
     act_spec = plan.act_spec
     search_act = act_spec is not None and settings.act_clip_search
-    # What the weights will see: the transformed calibration activations.
-    seen = plan.transform(sample.float()) if search_act or per_channel else None
+    # What the weights will see: the transformed calibration activations, read by
+    # the activation clip search, the weight clip search and GPTQ's noise term.
+    gptq_noise = xtx is not None and act_spec is not None
+    needs_seen = search_act or (per_channel and (settings.weight_clip_search or gptq_noise))
+    seen = plan.transform(sample.float()) if needs_seen else None
     if search_act:
         # A strided subsample spans every calibration batch and keeps e·G·eᵀ cheap.
         gram = sum(w.T.float() @ w.float() for w in weights)  # float32: only ranks ratios

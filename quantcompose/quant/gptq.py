@@ -30,10 +30,10 @@ def upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
     inverse (⅔n³ flops) instead of factor, invert, factor again (⁵⁄₃n³).
     """
     lower = torch.linalg.cholesky(h.flip(0, 1))
-    inverse, info = lapack.dtrtri(lower.numpy(), lower=1)
+    inverse, info = lapack.dtrtri(lower.cpu().numpy(), lower=1)  # LAPACK runs on the CPU
     if info != 0:
         raise torch.linalg.LinAlgError(f"triangular inverse failed (LAPACK info={info})")
-    return torch.from_numpy(inverse).flip(0, 1)
+    return torch.from_numpy(inverse).flip(0, 1).to(h.device)
 
 
 def gptq_quantize(
@@ -73,7 +73,8 @@ def gptq_quantize(
     w, hinv = w.float().contiguous(), hinv.float().contiguous()
 
     with limited_threads(SWEEP_THREADS):
-        codes = _sweep(w, hinv, scale.reshape(-1).float(), zero.reshape(-1).float(), int(spec.qmin), int(spec.qmax), block)
+        s, z = scale.reshape(-1).float(), zero.reshape(-1).float()
+        codes = _sweep(w, hinv, s, z, int(spec.qmin), int(spec.qmax), block)
     codes = codes[:, torch.argsort(order)]
     return QuantizedTensor(
         codes=codes.to(spec.code_dtype),
@@ -82,7 +83,6 @@ def gptq_quantize(
         spec=spec,
         shape=torch.Size((out_features, in_features)),
     )
-
 
 
 def _sweep(
@@ -117,6 +117,7 @@ def _sweep(
             error.mul_(inv_diag[i])
             if i + 1 < width:
                 w_block[:, i + 1 :].addr_(error, h_block[i, i + 1 :], alpha=-1.0)
+        # x·(1/s), not x/s: the rounding fake_quantize_per_channel_affine did, so codes match the errors spread.
         codes[:, start:stop] = torch.round(w_block * (1.0 / s)[:, None]).add_(z[:, None]).clamp_(qmin, qmax)
         if stop < in_features:
             w[:, stop:].sub_(errors @ hinv[start:stop, stop:])
