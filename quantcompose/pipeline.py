@@ -192,15 +192,75 @@ def quantize_layer(
     for different places; results do not depend on ``workers``).
     """
     total_rows = sum(hidden.shape[0] * hidden.shape[1] for hidden, _ in inputs)
+    groups = sequential_groups(places) if settings.true_sequential else [list(places)]
+    summary: list[dict[str, Any]] = []
+    for group in groups:
+        summary += _quantize_group(
+            layer, layer_index, group, inputs, method, options, settings, manager,
+            total_rows, sample_rows, generator, kv_spec, workers,
+        )
+    return summary
+
+
+def sequential_groups(places: list[InputPlace]) -> list[list[InputPlace]]:
+    """The places split by the submodule that holds their linears (attention, MLP), in order.
+
+    Quantizing group by group lets each group calibrate on the activations the
+    already quantized groups produce (GPTQ's "true sequential"). A group's
+    transform may be folded into a linear of its own group only, which is not
+    yet quantized when it is folded; if a place would fold into an earlier
+    group, everything stays one group.
+    """
+    groups: list[list[InputPlace]] = []
+    parents: list[str] = []
+    for place in places:
+        parent = place.linears[0].rpartition(".")[0]
+        if parents and parents[-1] == parent:
+            groups[-1].append(place)
+        else:
+            groups.append([place])
+            parents.append(parent)
+    for i, group in enumerate(groups):
+        earlier = {name for g in groups[:i] for p in g for name in p.linears}
+        if any(p.prev_kind == "linear" and p.prev in earlier for p in group):
+            return [list(places)]
+    return groups
+
+
+def _raise_stop(module: nn.Module, args: tuple) -> None:
+    raise _StopForward
+
+
+def _quantize_group(
+    layer: nn.Module,
+    layer_index: int,
+    places: list[InputPlace],
+    inputs: list[tuple[torch.Tensor, dict[str, Any]]],
+    method: str,
+    options: dict[str, Any],
+    settings: QuantSettings,
+    manager: StrategyManager,
+    total_rows: int,
+    sample_rows: int,
+    generator: torch.Generator,
+    kv_spec: QuantSpec | None,
+    workers: int,
+) -> list[dict[str, Any]]:
+    """Calibrate, plan, fold and quantize ``places`` (in execution order) of one layer."""
     gptq = settings.weight_quantizer == "gptq"
     collectors = {p.name: _ActivationStats(total_rows, sample_rows, generator, gptq) for p in places}
     handles = [
         get_submodule(layer, p.linears[0]).register_forward_pre_hook(collectors[p.name]) for p in places
     ]
+    # Nothing after the last place's input is needed: stop the layer there.
+    handles.append(get_submodule(layer, places[-1].linears[0]).register_forward_pre_hook(_raise_stop))
     try:
         with torch.no_grad():
             for hidden, kwargs in inputs:
-                layer(hidden, **kwargs)
+                try:
+                    layer(hidden, **kwargs)
+                except _StopForward:
+                    pass
     finally:
         for handle in handles:
             handle.remove()
@@ -230,7 +290,7 @@ def quantize_layer(
     # Output-side folds (into norms, v_proj, up_proj) and input-side folds
     # (into the consuming linears) multiply the weight from opposite sides, so
     # they commute: do all of them on float weights before quantizing any.
-    summary = []
+    summary: list[dict[str, Any]] = []
     online_of: dict[str, Transform | None] = {}
     for place, plan in plans:
         absorbed, online = split_absorbable(plan.transform, place.absorbable)
@@ -308,9 +368,9 @@ def _quantize_place(
     seen = plan.transform(sample.float()) if needs_seen else None
     if search_act:
         # A strided subsample spans every calibration batch and keeps e·G·eᵀ cheap.
-        gram = sum(w.T.float() @ w.float() for w in weights)  # float32: only ranks ratios
+        consumers = torch.cat(weights).float()  # float32: only ranks ratios
         act_rows = seen[:: max(1, seen.shape[0] // ACT_SEARCH_ROWS)]
-        act_spec = replace(act_spec, clip_ratio=search_act_clip_ratio(act_rows, act_spec, gram))
+        act_spec = replace(act_spec, clip_ratio=search_act_clip_ratio(act_rows, act_spec, consumers))
     specs: list[QuantSpec | None] = [spec] * len(linears)
     quantized: list[Any] = [None] * len(linears)
     if per_channel and (settings.weight_clip_search or xtx is not None):

@@ -42,6 +42,10 @@ class QuantSettings:
     # default: with a calibration set whose token statistics resemble text
     # (real text, or "random-zipf" tokens) it is the largest single gain at W4.
     weight_quantizer: str = "gptq"
+    # Quantize a layer's attention before calibrating its MLP, so that the MLP
+    # is fitted on the activations the quantized attention really produces
+    # (GPTQ's "true sequential"); costs one more attention pass per layer.
+    true_sequential: bool = False
 
     def __post_init__(self) -> None:
         for name in ("wbits", "abits"):

@@ -8,7 +8,8 @@ import torch
 from quantcompose.errors import CalibrationError, UnsupportedArchitectureError
 from quantcompose.hookspecs import hookimpl
 from quantcompose.models import get_adapter
-from quantcompose.pipeline import count_quantized, quantize_model, split_absorbable
+from quantcompose.models.adapter import InputPlace
+from quantcompose.pipeline import count_quantized, quantize_model, sequential_groups, split_absorbable
 from quantcompose.plugin_manager import StrategyManager
 from quantcompose.qlinear import QuantLinear
 from quantcompose.strategy import Plan, QuantSettings, StrategyInfo
@@ -115,6 +116,47 @@ def test_worker_threads_do_not_change_the_result():
     one, two = ({n: m.weight_codes for n, m in model.named_modules() if isinstance(m, QuantLinear)} for model in models)
     assert one.keys() == two.keys() and len(one) == 2 * 7
     assert all(torch.equal(one[n], two[n]) for n in one)
+
+
+def test_sequential_groups_split_attention_from_mlp():
+    model = tiny_llama()
+    places = get_adapter(model).places(model.model.layers[0])
+    groups = sequential_groups(places)
+    assert [[p.name for p in g] for g in groups] == [["attn_in", "attn_out"], ["mlp_in", "mlp_down"]]
+    # A place that folds into a linear of an earlier group keeps everything in one group.
+    odd = [*places[:2], InputPlace("mlp_in", ("mlp.gate_proj",), "self_attn.o_proj", "linear", "diagonal")]
+    assert [len(g) for g in sequential_groups(odd)] == [3]
+
+
+def _codes_by_name(model):
+    return {n: m.weight_codes for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def test_true_sequential_calibrates_the_mlp_on_quantized_attention():
+    results = []
+    for sequential in (False, True):
+        torch.manual_seed(0)
+        model = tiny_llama()
+        calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(2))
+        settings = QuantSettings(wbits=4, abits=4, true_sequential=sequential)
+        quantize_model(model, calib, "duquant", settings, {"block_size": 16, "steps": 8}, progress=False)
+        results.append(_codes_by_name(model))
+    plain, sequential = results
+    # Layer 0's attention sees the same inputs either way; its MLP sees what the quantized attention produces.
+    attention = [n for n in plain if n.startswith("model.layers.0.self_attn")]
+    mlp = [n for n in plain if n.startswith("model.layers.0.mlp")]
+    assert attention and all(torch.equal(plain[n], sequential[n]) for n in attention)
+    assert mlp and not all(torch.equal(plain[n], sequential[n]) for n in mlp)
+
+
+def test_true_sequential_folding_stays_exact():
+    model = tiny_llama(kv_heads=2).double()
+    tokens = torch.randint(0, 128, (2, 24))
+    before = _logits(model, tokens)
+    calib = torch.randint(0, 128, (3, 16))
+    quantize_model(model, calib, "random-composition", QuantSettings(wbits=16, abits=16, true_sequential=True),
+                   manager=_manager(), progress=False)
+    torch.testing.assert_close(_logits(model, tokens), before, rtol=1e-9, atol=1e-9)
 
 
 def test_defaults_are_gptq_with_activation_clip_search():

@@ -86,7 +86,9 @@ def test_act_clip_search_picks_the_ratio_with_least_output_error():
     w = torch.randn(20, 512, generator=g)
     spec = QuantSpec(4, False, "token", None, 1.0)
     grid = (1.0, 0.9, 0.8, 0.7, 0.6)
-    best = search_act_clip_ratio(x, spec, w.T @ w, grid)
+    best = search_act_clip_ratio(x, spec, w, grid)
+    # Wide consumers go through WᵀW instead of W: the same choice.
+    assert search_act_clip_ratio(x, spec, torch.cat([w] * 30), grid) == best
 
     def err(ratio: float) -> float:
         return float(((fake_quantize(x, QuantSpec(4, False, "token", None, ratio)) - x) @ w.T).pow(2).sum())
@@ -94,7 +96,7 @@ def test_act_clip_search_picks_the_ratio_with_least_output_error():
     assert best in grid and best < 1.0
     assert err(best) <= min(err(r) for r in grid) * (1 + 1e-5)
     with pytest.raises(ShapeError, match="per token"):
-        search_act_clip_ratio(x, SPEC, w.T @ w)
+        search_act_clip_ratio(x, SPEC, w)
 
 
 def test_upper_cholesky_of_inverse_factors_the_inverse():
