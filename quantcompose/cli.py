@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-clip-search", action=argparse.BooleanOptionalAction, default=defaults.act_clip_search,
                    help="pick each place's activation clip ratio by the output error it causes, instead of "
                    "the strategy's static ratio (default: %(default)s)")
+    q.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=defaults.true_sequential,
+                   help="calibrate each layer's MLP on the output of its already quantized attention "
+                        "(slower; default: %(default)s)")
     q.add_argument("--kv-bits", type=int, default=None, help="also quantize the K/V cache to this many bits")
     q.add_argument("--calib", default="random-zipf",
                    help="calibration data: 'random-zipf' (default: random tokens with a Zipf prior over token ids), "
@@ -123,7 +126,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         wbits=args.wbits, abits=args.abits, weight_symmetric=args.weight_sym, act_symmetric=args.act_sym,
         weight_group_size=args.group_size, kv_bits=args.kv_bits, seed=args.seed,
         weight_clip_search=not args.no_clip_search, weight_quantizer=args.weight_quantizer,
-        act_clip_search=args.act_clip_search,
+        act_clip_search=args.act_clip_search, true_sequential=args.true_sequential,
     )
     manager = get_plugin_manager()
     options = manager.info(args.method).resolve_options(_parse_options(args.opt))

@@ -20,9 +20,11 @@ from dataclasses import replace
 import torch
 
 from quantcompose.errors import ShapeError
-from quantcompose.quant.functional import fake_quantize
+from quantcompose.quant.functional import _reduce_min_max, fake_quantize_with, qparams_from_range
 from quantcompose.quant.spec import QuantSpec
 
+#: Elements of a weight processed together by the row clip search (~1 MiB of float32).
+SEARCH_CHUNK_ELEMENTS = 1 << 18
 DEFAULT_GRID = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 down to 0.5
 # 1.0 down to 0.6 in steps of 0.025: on SmolLM2-135M W4A4 (DuQuant) the finer
 # grid was better than steps of 0.05 on each of three seeds (docs/benchmarks.md).
@@ -42,14 +44,20 @@ def search_clip_ratios(
     h = torch.ones(w.shape[1]) if importance is None else importance.detach().float().to(w.device)
     if h.shape != (w.shape[1],):
         raise ShapeError(f"importance must have shape ({w.shape[1]},), got {tuple(h.shape)}")
-    best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
     best_ratio = torch.ones(w.shape[0], device=w.device)
-    for ratio in grid:
-        q = fake_quantize(w, replace(spec, clip_ratio=float(ratio)))
-        err = ((q - w).pow(2) * h).sum(dim=1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_ratio = torch.where(better, torch.full_like(best_ratio, float(ratio)), best_ratio)
+    # A chunk of rows stays in cache across the whole grid; the search is memory-bound.
+    rows_per_chunk = max(1, SEARCH_CHUNK_ELEMENTS // w.shape[1])
+    for start in range(0, w.shape[0], rows_per_chunk):
+        chunk = w[start : start + rows_per_chunk]
+        lo, hi = _reduce_min_max(chunk, spec)
+        best_err = torch.full((chunk.shape[0],), float("inf"), device=w.device)
+        best = best_ratio[start : start + rows_per_chunk]
+        for ratio in grid:
+            scale, zero = qparams_from_range(lo, hi, replace(spec, clip_ratio=float(ratio)))
+            err = (fake_quantize_with(chunk, scale, zero, spec).sub_(chunk).square_() * h).sum(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best.masked_fill_(better, float(ratio))
     return best_ratio
 
 
@@ -87,9 +95,11 @@ def search_act_clip_ratio(
         raise ShapeError(f"weight must be (out, {x.shape[1]}), got {tuple(w.shape)}")
     through_weight = w.shape[0] < w.shape[1]
     gram = None if through_weight else w.T @ w
+    lo, hi = _reduce_min_max(x, spec)
     best_ratio, best_err = 1.0, float("inf")
     for ratio in grid:
-        e = fake_quantize(x, replace(spec, clip_ratio=float(ratio))) - x
+        scale, zero = qparams_from_range(lo, hi, replace(spec, clip_ratio=float(ratio)))
+        e = fake_quantize_with(x, scale, zero, spec).sub_(x)
         err = float((e @ w.T).pow(2).sum()) if through_weight else float(((e @ gram) * e).sum())
         if err < best_err:
             best_ratio, best_err = float(ratio), err

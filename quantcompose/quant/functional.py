@@ -90,24 +90,44 @@ def compute_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
     with torch.no_grad():
         xg = _grouped(x.detach().to(_compute_dtype(x)), spec)
         lo, hi = _reduce_min_max(xg, spec)
-        # min/max propagate NaN and inf, so checking them checks all of x at a fraction of the cost.
-        if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-            raise CalibrationError("input contains NaN/inf; check the calibration data or the preceding layer.")
-        if spec.symmetric:
-            absmax = torch.maximum(lo.abs(), hi.abs()) * spec.clip_ratio
-            scale = (absmax / spec.qmax).clamp_min(SCALE_EPS)
-            zero = torch.zeros_like(scale)
-        else:
-            xmax = hi.clamp_min(0) * spec.clip_ratio
-            xmin = lo.clamp_max(0) * spec.clip_ratio
-            scale = ((xmax - xmin) / (spec.qmax - spec.qmin)).clamp_min(SCALE_EPS)
-            zero = torch.round(-xmin / scale).clamp(spec.qmin, spec.qmax)
+        return qparams_from_range(lo, hi, spec)
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for the unclipped range ``[lo, hi]`` (reduced min and max of the data).
+
+    :func:`compute_qparams` is this after the reduction; searches over
+    ``spec.clip_ratio`` call it directly to reduce the data once.
+    """
+    # min/max propagate NaN and inf, so checking them checks all of x at a fraction of the cost.
+    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise CalibrationError("input contains NaN/inf; check the calibration data or the preceding layer.")
+    if spec.symmetric:
+        absmax = torch.maximum(lo.abs(), hi.abs()) * spec.clip_ratio
+        scale = (absmax / spec.qmax).clamp_min(SCALE_EPS)
+        zero = torch.zeros_like(scale)
+    else:
+        xmax = hi.clamp_min(0) * spec.clip_ratio
+        xmin = lo.clamp_max(0) * spec.clip_ratio
+        scale = ((xmax - xmin) / (spec.qmax - spec.qmin)).clamp_min(SCALE_EPS)
+        zero = torch.round(-xmin / scale).clamp(spec.qmin, spec.qmax)
     return scale, zero
 
 
 def _float_codes(xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     # torch.round is round-half-to-even, the convention the kernels follow.
     return (torch.round(xg / scale) + zero).clamp(spec.qmin, spec.qmax)
+
+
+def fake_quantize_with(xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``(codes − zero) · scale`` for given quantization parameters (``xg`` already grouped).
+
+    In-place steps on one fresh buffer: the same rounding as
+    :func:`_float_codes` with fewer passes over memory, which matters in the
+    calibration forward passes and the clip searches.
+    """
+    t = torch.div(xg, scale).round_().add_(zero).clamp_(spec.qmin, spec.qmax)
+    return t.sub_(zero).mul_(scale)
 
 
 def quantize(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
@@ -134,7 +154,7 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     scale, zero = compute_qparams(x, spec)
     with torch.no_grad():
         xg = _grouped(x.detach().to(scale.dtype), spec)
-        fq = ((_float_codes(xg, scale, zero, spec) - zero) * scale).reshape(x.shape).to(x.dtype)
+        fq = fake_quantize_with(xg, scale, zero, spec).reshape(x.shape).to(x.dtype)
     # STE written as fq + (x − x.detach()) rather than x + (fq − x).detach():
     # x − x.detach() is exactly 0, so the forward value is bit-identical to fq
     # (the usual form can be off by one ulp), and the gradient is still 1.
