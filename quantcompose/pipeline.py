@@ -191,13 +191,12 @@ def quantize_layer(
     by side (the strategy's ``quantcompose_plan`` may then run concurrently
     for different places; results do not depend on ``workers``).
     """
-    total_rows = sum(hidden.shape[0] * hidden.shape[1] for hidden, _ in inputs)
     groups = sequential_groups(places) if settings.true_sequential else [list(places)]
     summary: list[dict[str, Any]] = []
     for group in groups:
         summary += _quantize_group(
             layer, layer_index, group, inputs, method, options, settings, manager,
-            total_rows, sample_rows, generator, kv_spec, workers,
+            sample_rows, generator, kv_spec, workers,
         )
     return summary
 
@@ -240,13 +239,13 @@ def _quantize_group(
     options: dict[str, Any],
     settings: QuantSettings,
     manager: StrategyManager,
-    total_rows: int,
     sample_rows: int,
     generator: torch.Generator,
     kv_spec: QuantSpec | None,
     workers: int,
 ) -> list[dict[str, Any]]:
     """Calibrate, plan, fold and quantize ``places`` (in execution order) of one layer."""
+    total_rows = sum(hidden.shape[0] * hidden.shape[1] for hidden, _ in inputs)
     gptq = settings.weight_quantizer == "gptq"
     collectors = {p.name: _ActivationStats(total_rows, sample_rows, generator, gptq) for p in places}
     handles = [
@@ -366,17 +365,18 @@ def _quantize_place(
     gptq_noise = xtx is not None and act_spec is not None
     needs_seen = search_act or (per_channel and (settings.weight_clip_search or gptq_noise))
     seen = plan.transform(sample.float()) if needs_seen else None
+    # Sibling linears share their input, so the searches and GPTQ see them stacked.
+    stacked = torch.cat(weights)
     if search_act:
-        # A strided subsample spans every calibration batch and keeps e·G·eᵀ cheap.
-        consumers = torch.cat(weights).float()  # float32: only ranks ratios
+        # A strided subsample spans every calibration batch and keeps the error cheap.
         act_rows = seen[:: max(1, seen.shape[0] // ACT_SEARCH_ROWS)]
-        act_spec = replace(act_spec, clip_ratio=search_act_clip_ratio(act_rows, act_spec, consumers))
+        # float32 weights: the search only ranks ratios.
+        act_spec = replace(act_spec, clip_ratio=search_act_clip_ratio(act_rows, act_spec, stacked.float()))
     specs: list[QuantSpec | None] = [spec] * len(linears)
     quantized: list[Any] = [None] * len(linears)
     if per_channel and (settings.weight_clip_search or xtx is not None):
         # Per-row ranges and GPTQ are about the activations the weights will
-        # see; sibling linears share those, so they are stacked and done once.
-        stacked = torch.cat(weights)
+        # see; sibling linears share those, so they are done once.
         hessian = None
         if xtx is not None:
             # (XT)ᵀ(XT) = Tᵀ(XᵀX)T: transform the rows of the symmetric XᵀX, then the columns.

@@ -115,19 +115,18 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> t
 
 
 def _float_codes(xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    # torch.round is round-half-to-even, the convention the kernels follow.
-    return (torch.round(xg / scale) + zero).clamp(spec.qmin, spec.qmax)
+    # torch.round is round-half-to-even, the convention the kernels follow. In-place
+    # steps on the one fresh buffer torch.div returns: fewer passes over memory.
+    return torch.div(xg, scale).round_().add_(zero).clamp_(spec.qmin, spec.qmax)
 
 
 def fake_quantize_with(xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """``(codes − zero) · scale`` for given quantization parameters (``xg`` already grouped).
 
-    In-place steps on one fresh buffer: the same rounding as
-    :func:`_float_codes` with fewer passes over memory, which matters in the
-    calibration forward passes and the clip searches.
+    Searches over ``spec.clip_ratio`` call it with parameters from
+    :func:`qparams_from_range` so the data is reduced only once.
     """
-    t = torch.div(xg, scale).round_().add_(zero).clamp_(spec.qmin, spec.qmax)
-    return t.sub_(zero).mul_(scale)
+    return _float_codes(xg, scale, zero, spec).sub_(zero).mul_(scale)
 
 
 def quantize(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
