@@ -32,12 +32,21 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from quantcompose.hookspecs import hookimpl
-from quantcompose.strategy import Option, PlaceStats, Plan, QuantSettings, StrategyInfo
+from quantcompose.options import (
+    Option,
+    in_range,
+    integer_at_least,
+    optional,
+    parse_optional_bool,
+    parse_optional_int,
+)
+from quantcompose.strategy import PlaceStats, Plan, QuantSettings, Strategy, clip_options
 from quantcompose.transforms import BlockRotation, Compose, Identity, Permutation, Scale, Transform
 
 from ._duquant_rotation import (
@@ -62,8 +71,9 @@ __all__ = [
     "fit_duquant",
     "greedy_block_rotation",
     "nearest_orthogonal",
-    "quantcompose_plan",
-    "quantcompose_strategy_info",
+    "DuQuant",
+    "STRATEGY",
+    "quantcompose_strategies",
     "random_orthogonal",
     "smooth_factors",
     "step_base_matrix",
@@ -74,47 +84,33 @@ __all__ = [
 NAME = "duquant"
 
 
-def _optional_bool(text: str) -> bool | None:
-    lowered = text.strip().lower()
-    if lowered in ("", "none", "auto", "default"):
-        return None
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true, false or auto, got {text!r}")
-
-
-def _optional_int(text: str) -> int | None:
-    lowered = text.strip().lower()
-    return None if lowered in ("", "none", "auto", "default") else int(text)
-
-
 OPTIONS: dict[str, Option] = {
     "smooth": Option(True, "apply smoothing Scale(1/s) before the rotations"),
-    "alpha": Option(0.6, "smoothing strength α in [0, 1] (reference run.sh: 0.6 for LLaMA-2 W4A4)"),
+    "alpha": Option(
+        0.6, "smoothing strength α in [0, 1] (reference run.sh: 0.6 for LLaMA-2 W4A4)", check=in_range(0.0, 1.0)
+    ),
     "rotate": Option(True, "first greedy block rotation R1"),
-    "block_size": Option(128, "rotation block size (last block may be shorter)"),
-    "steps": Option(64, "greedy rotation steps per block (reference --max_rotation_step 256; 64 gives the same W4A4 perplexity on SmolLM2 in a quarter of the time, see docs/benchmarks.md)"),
+    "block_size": Option(128, "rotation block size (last block may be shorter)", check=integer_at_least(1)),
+    "steps": Option(64, check=integer_at_least(0), help="greedy rotation steps per block (reference --max_rotation_step 256; 64 gives the same W4A4 perplexity on SmolLM2 in a quarter of the time, see docs/benchmarks.md)"),
     "eval_tokens": Option(
         64,
         "sample rows (largest norm per block) scoring each greedy step; 0 = all rows (64 and 128 gave the "
         "same W4A4 perplexity on SmolLM2 over three seeds, 64 in less time, see docs/benchmarks.md)",
+        check=integer_at_least(0),
     ),
     "permute": Option(True, "zigzag permutation between the two rotations"),
     "second_rotation": Option(
-        None, "second greedy rotation R2 after the permutation (default: same as permute)", type=_optional_bool
+        None, "second greedy rotation R2 after the permutation (default: same as permute)", type=parse_optional_bool
     ),
-    "act_clip": Option(0.9, "activation clipping ratio in (0, 1] (reference --lac 0.9)"),
-    "weight_clip": Option(0.8, "weight clipping ratio in (0, 1] (reference --swc 0.8)"),
-    "seed": Option(None, "seed for the random rotation factors (default: the settings' seed)", type=_optional_int),
+    # The reference's static ratios (--lac 0.9, --swc 0.8) apply when the clip searches are off.
+    **clip_options(0.9, 0.8),
+    "seed": Option(
+        None,
+        "seed for the random rotation factors (default: the settings' seed)",
+        type=parse_optional_int,
+        check=optional(integer_at_least(0)),
+    ),
 }
-
-INFO = StrategyInfo(
-    NAME,
-    "DuQuant: smoothing, greedy block rotation, zigzag permutation, second rotation (arXiv 2406.01721)",
-    options=OPTIONS,
-)
 
 #: The paper's ablation rows (which components are on) as option overrides;
 #: use e.g. ``{**ABLATIONS["smooth+rotation"], "alpha": 0.5}``.
@@ -125,18 +121,6 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "rotation+permutation+rotation": {"smooth": False, "rotate": True, "permute": True, "second_rotation": True},
     "full": {"smooth": True, "rotate": True, "permute": True, "second_rotation": True},
 }
-
-
-def _check_options(opts: dict[str, Any]) -> None:
-    if not (0.0 <= float(opts["alpha"]) <= 1.0):
-        raise ValueError(f"duquant: alpha={opts['alpha']!r} must lie in [0, 1].")
-    for key, low in (("block_size", 1), ("steps", 0), ("eval_tokens", 0)):
-        value = opts[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"duquant: {key}={value!r} must be an integer >= {low}.")
-    for key in ("act_clip", "weight_clip"):
-        if not (0.0 < float(opts[key]) <= 1.0):
-            raise ValueError(f"duquant: {key}={opts[key]!r} must lie in (0, 1].")
 
 
 def _generator(seed: int, stats: PlaceStats) -> torch.Generator:
@@ -170,7 +154,6 @@ def fit_duquant(
     the fit time.
     """
     opts = INFO.resolve_options(options)
-    _check_options(opts)
     settings = settings if settings is not None else QuantSettings()
     if generator is None:
         generator = _generator(settings.seed if opts["seed"] is None else opts["seed"], stats)
@@ -243,22 +226,24 @@ def build_duquant_transform(
     return fit_duquant(stats, options, settings, generator)[0]
 
 
-@hookimpl
-def quantcompose_strategy_info() -> StrategyInfo:
-    return INFO
+class DuQuant(Strategy):
+    """The place-scope DuQuant plan: :func:`fit_duquant`'s transform and the user's quantizers."""
+
+    name = NAME
+    description = "DuQuant: smoothing, greedy block rotation, zigzag permutation, second rotation (arXiv 2406.01721)"
+    options = OPTIONS
+    act_clip_default = 0.9  # reference --lac
+    weight_clip_default = 0.8  # reference --swc
+
+    def plan(self, stats: PlaceStats, options: dict[str, Any], settings: QuantSettings) -> Plan:
+        transform, notes = fit_duquant(stats, options, settings)
+        return self.quantizer_plan(transform, options, settings, notes)
+
+
+STRATEGY = DuQuant()
+INFO = STRATEGY.info
 
 
 @hookimpl
-def quantcompose_plan(
-    method: str, stats: PlaceStats, options: dict[str, Any], settings: QuantSettings
-) -> Plan | None:
-    if method != NAME:
-        return None
-    opts = INFO.resolve_options(options)
-    transform, notes = fit_duquant(stats, opts, settings)
-    return Plan(
-        transform=transform,
-        act_spec=settings.act_spec(clip_ratio=float(opts["act_clip"])),
-        weight_spec=settings.weight_spec(clip_ratio=float(opts["weight_clip"])),
-        notes=notes,
-    )
+def quantcompose_strategies() -> Iterator[Strategy]:
+    yield STRATEGY

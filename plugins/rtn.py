@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
 
 from quantcompose.hookspecs import hookimpl
-from quantcompose.strategy import Plan, PlaceStats, QuantSettings, StrategyInfo, clip_options, clipped_plan
-from quantcompose.transforms import Identity
-
-NAME = "rtn"
+from quantcompose.strategy import Strategy, clip_options
 
 
-@hookimpl
-def quantcompose_strategy_info() -> StrategyInfo:
-    return StrategyInfo(
-        NAME,
-        "round-to-nearest with no transform (per-token activations, per-channel weights)",
-        options={
-            **clip_options(1.0, 1.0),
-        },
-    )
+class RoundToNearest(Strategy):
+    """No transform: the user's quantizers alone (the base class's place plan)."""
+
+    name = "rtn"
+    description = "round-to-nearest with no transform (per-token activations, per-channel weights)"
+    options = clip_options(1.0, 1.0)
 
 
 @hookimpl
-def quantcompose_plan(
-    method: str, stats: PlaceStats, options: dict[str, Any], settings: QuantSettings
-) -> Plan | None:
-    if method != NAME:
-        return None
-    return clipped_plan(Identity(stats.width), options, settings)
+def quantcompose_strategies() -> Iterator[Strategy]:
+    yield RoundToNearest()

@@ -9,34 +9,30 @@ stops ``v_proj`` from absorbing it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from quantcompose.hookspecs import hookimpl
-from quantcompose.strategy import Option, Plan, PlaceStats, QuantSettings, StrategyInfo, clip_options, clipped_plan
+from quantcompose.options import Option, in_range
+from quantcompose.strategy import Plan, PlaceStats, QuantSettings, Strategy, clip_options
 from quantcompose.transforms import Scale
 
 from ._duquant_rotation import smooth_factors
 
-NAME = "smoothquant"
+
+class SmoothQuant(Strategy):
+    name = "smoothquant"
+    description = "SmoothQuant: per-channel smoothing scale folded into the previous module (arXiv 2211.10438)"
+    options = {
+        "alpha": Option(0.5, "migration strength α in [0, 1] (paper: 0.5 for most models)", check=in_range(0.0, 1.0)),
+        **clip_options(1.0, 1.0),
+    }
+
+    def plan(self, stats: PlaceStats, options: dict[str, Any], settings: QuantSettings) -> Plan:
+        s = smooth_factors(stats.act_absmax, stats.weight_absmax(), float(options["alpha"]))
+        return self.quantizer_plan(Scale(1.0 / s), options, settings)
 
 
 @hookimpl
-def quantcompose_strategy_info() -> StrategyInfo:
-    return StrategyInfo(
-        NAME,
-        "SmoothQuant: per-channel smoothing scale folded into the previous module (arXiv 2211.10438)",
-        options={
-            "alpha": Option(0.5, "migration strength α in [0, 1] (paper: 0.5 for most models)"),
-            **clip_options(1.0, 1.0),
-        },
-    )
-
-
-@hookimpl
-def quantcompose_plan(
-    method: str, stats: PlaceStats, options: dict[str, Any], settings: QuantSettings
-) -> Plan | None:
-    if method != NAME:
-        return None
-    s = smooth_factors(stats.act_absmax, stats.weight_absmax(), float(options["alpha"]))
-    return clipped_plan(Scale(1.0 / s), options, settings)
+def quantcompose_strategies() -> Iterator[Strategy]:
+    yield SmoothQuant()

@@ -44,3 +44,7 @@ class CalibrationError(QuantComposeError, ValueError):
 
 class DataError(QuantComposeError, OSError):
     """An evaluation or calibration data file is missing or malformed."""
+
+
+class OptionError(QuantComposeError, ValueError):
+    """A strategy option is unknown, of the wrong type, out of range, or conflicts with the settings."""

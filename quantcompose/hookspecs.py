@@ -1,26 +1,31 @@
-"""The plugin contract: the only thing a strategy needs to implement.
+"""The plugin contract: the single hook a strategy plugin implements.
 
-A strategy is a module or object registered under the entry-point group
-``quantcompose.strategies`` (built-in ones too), implementing both hooks
-below, each decorated with :data:`hookimpl`::
+A plugin is a module or object registered under the entry-point group
+``quantcompose.strategies`` (the built-in strategies too). It yields the
+strategies it provides; the manager knows them by name and dispatches to the
+named one, so no strategy ever checks whether a call is meant for it::
 
     from quantcompose.hookspecs import hookimpl
-    from quantcompose.strategy import Plan, StrategyInfo
+    from quantcompose.strategy import Strategy
+
+    class Mine(Strategy):
+        name = "mine"
+        description = "what it does"
+
+        def plan(self, stats, options, settings):
+            return self.quantizer_plan(my_transform(stats), options, settings)
 
     @hookimpl
-    def quantcompose_strategy_info():
-        return StrategyInfo("mine", "what it does", options={})
+    def quantcompose_strategies():
+        yield Mine()
 
-    @hookimpl
-    def quantcompose_plan(method, stats, options, settings):
-        if method != "mine":
-            return None
-        return Plan(transform=..., act_spec=settings.act_spec(), weight_spec=settings.weight_spec())
+See :class:`quantcompose.strategy.Strategy` for the three scopes (model,
+layer, place) a strategy may act at.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Iterable
 
 import pluggy
 
@@ -31,30 +36,11 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def quantcompose_strategy_info() -> "StrategyInfo":  # noqa: F821
-    """Return the strategy's :class:`~quantcompose.strategy.StrategyInfo`.
+def quantcompose_strategies() -> "Iterable[Strategy]":  # noqa: F821
+    """Return or yield the :class:`~quantcompose.strategy.Strategy` objects this plugin provides.
 
-    Called once per plugin when the manager loads it; the name must be unique
-    among installed strategies.
-    """
-
-
-@hookspec(firstresult=True)
-def quantcompose_plan(
-    method: str,
-    stats: "PlaceStats",  # noqa: F821
-    options: dict[str, Any],
-    settings: "QuantSettings",  # noqa: F821
-) -> "Plan | None":  # noqa: F821
-    """Return the :class:`~quantcompose.strategy.Plan` for one input place.
-
-    Return ``None`` when ``method`` is not this strategy's name, so the next
-    plugin is asked. ``options`` are the strategy's own options, already
-    resolved against its defaults; ``settings`` are the user's bit widths and
-    quantizer choices. A strategy must not modify the tensors in ``stats``.
-
-    The pipeline may call this hook for the places of one layer at the same
-    time, from worker threads (``quantize_model(workers=...)``), so a strategy
-    must not keep mutable state between calls; derive any randomness from
-    ``settings.seed`` and ``stats`` (layer index and place), as DuQuant does.
+    Called once when the plugin is registered. Each name must be unique among
+    the installed strategies. Strategies' :meth:`~quantcompose.strategy.Strategy.plan`
+    may be called for the places of one layer at the same time, from worker
+    threads, so a strategy keeps no mutable state between calls.
     """

@@ -19,12 +19,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantcompose.errors import CalibrationError
-from quantcompose.models import InputPlace, get_adapter, get_submodule, set_submodule
-from quantcompose.plugin_manager import StrategyManager, get_plugin_manager
+from quantcompose.model_scope import apply_model_plan, model_facts, residual_hadamard_plan
+from quantcompose.models import InputPlace, ModelAdapter, get_adapter, get_submodule, set_submodule
+from quantcompose.plugin_manager import StrategyManager, check_plan, get_plugin_manager
 from quantcompose.qlinear import QuantLinear, SharedInput
-from quantcompose.quant import QuantSpec, clamp_rows, fake_quantize, search_act_clip_ratio, search_clip_ratios
-from quantcompose.quant.gptq import gptq_quantize
-from quantcompose.strategy import PlaceStats, Plan, QuantSettings
+from quantcompose.quant import QuantSpec, clamp_to_ratios, fake_quantize, search_act_clip_ratio, search_clip_ratios
+from quantcompose.quant.weight_quantizers import WeightQuantizer, get_weight_quantizer
+from quantcompose.strategy import LayerContext, ModelFacts, ModelPlan, PlaceStats, Plan, QuantSettings, Strategy
 from quantcompose.threads import limited_threads
 from quantcompose.transforms import Compose, Identity, Scale, Transform
 
@@ -38,6 +39,7 @@ class QuantizationReport:
     options: dict[str, Any]
     seconds: float = 0.0
     places: list[dict[str, Any]] = field(default_factory=list)
+    model_plan: dict[str, Any] | None = None  # what the model scope rewrote, if anything
 
 
 #: Calibration rows scoring each activation clip ratio (a strided subsample).
@@ -145,10 +147,13 @@ def _fold_into_previous(layer: nn.Module, place: InputPlace, absorbed: Transform
                 raise TypeError(f"a norm can only absorb a diagonal Scale, got {type(absorbed).__name__}")
             prev.weight.mul_(absorbed.factors.to(prev.weight.device, prev.weight.dtype))
         elif place.prev_kind == "linear":
-            weight, bias = absorbed.fold_into_output(prev.weight.data, None if prev.bias is None else prev.bias.data)
-            prev.weight.data.copy_(weight)
+            # A fused producer (Phi-3's gate_up_proj) absorbs into the rows that are this activation.
+            start, stop = place.prev_rows if place.prev_rows is not None else (0, prev.weight.shape[0])
+            bias = None if prev.bias is None else prev.bias.data[start:stop]
+            weight, bias = absorbed.fold_into_output(prev.weight.data[start:stop], bias)
+            prev.weight.data[start:stop].copy_(weight)
             if prev.bias is not None:
-                prev.bias.data.copy_(bias)
+                prev.bias.data[start:stop].copy_(bias)
         else:
             raise ValueError(f"place {place.name!r} has nothing before it that can absorb a transform")
 
@@ -171,38 +176,48 @@ def _describe(plan: Plan, online: Transform | None, absorbed: Transform | None) 
     }
 
 
-def quantize_layer(
-    layer: nn.Module,
-    layer_index: int,
-    places: list[InputPlace],
-    inputs: list[tuple[torch.Tensor, dict[str, Any]]],
-    method: str,
-    options: dict[str, Any],
-    settings: QuantSettings,
-    manager: StrategyManager,
-    sample_rows: int,
-    generator: torch.Generator,
-    kv_spec: QuantSpec | None = None,
-    workers: int = 1,
-) -> list[dict[str, Any]]:
+@dataclass
+class LayerJob:
+    """Everything the pipeline needs to quantize one decoder layer, as one value."""
+
+    layer: nn.Module
+    index: int
+    places: list[InputPlace]
+    inputs: list[tuple[torch.Tensor, dict[str, Any]]]
+    strategy: Strategy
+    options: dict[str, Any]
+    settings: QuantSettings
+    weight_quantizer: WeightQuantizer
+    generator: torch.Generator
+    sample_rows: int = 2048
+    workers: int = 1
+    facts: ModelFacts | None = None
+    #: Linears (paths inside the layer) whose output is fake-quantized, e.g. the K/V cache.
+    output_specs: dict[str, QuantSpec] = field(default_factory=dict)
+
+
+def quantize_layer(job: LayerJob) -> list[dict[str, Any]]:
     """Calibrate, plan, fold and quantize one decoder layer in place.
 
-    ``workers`` threads fit the places' plans and quantize their weights side
-    by side (the strategy's ``quantcompose_plan`` may then run concurrently
-    for different places; results do not depend on ``workers``).
+    ``job.workers`` threads fit the places' plans and quantize their weights
+    side by side (the strategy's ``plan`` may then run concurrently for
+    different places; results do not depend on ``workers``).
     """
-    groups = sequential_groups(places) if settings.true_sequential else [list(places)]
+    layer_scope = "layer" in job.strategy.scopes()
+    if job.settings.true_sequential and layer_scope:
+        raise CalibrationError(
+            f"strategy {job.strategy.name!r} fits whole layers (layer scope), which true-sequential "
+            "calibration would split; turn true_sequential (--true-sequential) off."
+        )
+    groups = sequential_groups(job.places) if job.settings.true_sequential else [list(job.places)]
     summary: list[dict[str, Any]] = []
     for group in groups:
-        summary += _quantize_group(
-            layer, layer_index, group, inputs, method, options, settings, manager,
-            sample_rows, generator, kv_spec, workers,
-        )
+        summary += _quantize_group(job, group, layer_scope)
     return summary
 
 
 def sequential_groups(places: list[InputPlace]) -> list[list[InputPlace]]:
-    """The places split by the submodule that holds their linears (attention, MLP), in order.
+    """The places split by the sub-block that holds their linears (attention, MLP), in order.
 
     Quantizing group by group lets each group calibrate on the activations the
     already quantized groups produce (GPTQ's "true sequential"). A group's
@@ -211,14 +226,13 @@ def sequential_groups(places: list[InputPlace]) -> list[list[InputPlace]]:
     group, everything stays one group.
     """
     groups: list[list[InputPlace]] = []
-    parents: list[str] = []
+    names: list[str] = []
     for place in places:
-        parent = place.linears[0].rpartition(".")[0]
-        if parents and parents[-1] == parent:
+        if names and names[-1] == place.group:
             groups[-1].append(place)
         else:
             groups.append([place])
-            parents.append(parent)
+            names.append(place.group)
     for i, group in enumerate(groups):
         earlier = {name for g in groups[:i] for p in g for name in p.linears}
         if any(p.prev_kind == "linear" and p.prev in earlier for p in group):
@@ -230,60 +244,87 @@ def _raise_stop(module: nn.Module, args: tuple) -> None:
     raise _StopForward
 
 
-def _quantize_group(
-    layer: nn.Module,
-    layer_index: int,
-    places: list[InputPlace],
-    inputs: list[tuple[torch.Tensor, dict[str, Any]]],
-    method: str,
-    options: dict[str, Any],
-    settings: QuantSettings,
-    manager: StrategyManager,
-    sample_rows: int,
-    generator: torch.Generator,
-    kv_spec: QuantSpec | None,
-    workers: int,
-) -> list[dict[str, Any]]:
-    """Calibrate, plan, fold and quantize ``places`` (in execution order) of one layer."""
-    total_rows = sum(hidden.shape[0] * hidden.shape[1] for hidden, _ in inputs)
-    gptq = settings.weight_quantizer == "gptq"
-    collectors = {p.name: _ActivationStats(total_rows, sample_rows, generator, gptq) for p in places}
+def _collect_statistics(
+    job: LayerJob, places: list[InputPlace], full_outputs: bool
+) -> tuple[dict[str, _ActivationStats], list[torch.Tensor] | None]:
+    """Run the layer on its calibration inputs with hooks on each place's first linear.
+
+    Stops at the last place's input unless ``full_outputs`` asks for the
+    layer's outputs (the layer scope's full-precision targets).
+    """
+    total_rows = sum(hidden.shape[0] * hidden.shape[1] for hidden, _ in job.inputs)
+    second_moment = job.weight_quantizer.needs_hessian
+    collectors = {
+        p.name: _ActivationStats(total_rows, job.sample_rows, job.generator, second_moment) for p in places
+    }
     handles = [
-        get_submodule(layer, p.linears[0]).register_forward_pre_hook(collectors[p.name]) for p in places
+        get_submodule(job.layer, p.linears[0]).register_forward_pre_hook(collectors[p.name]) for p in places
     ]
-    # Nothing after the last place's input is needed: stop the layer there.
-    handles.append(get_submodule(layer, places[-1].linears[0]).register_forward_pre_hook(_raise_stop))
+    if not full_outputs:  # nothing after the last place's input is needed: stop the layer there
+        handles.append(get_submodule(job.layer, places[-1].linears[0]).register_forward_pre_hook(_raise_stop))
+    outputs: list[torch.Tensor] | None = [] if full_outputs else None
     try:
         with torch.no_grad():
-            for hidden, kwargs in inputs:
+            for hidden, kwargs in job.inputs:
                 try:
-                    layer(hidden, **kwargs)
+                    result = job.layer(hidden, **kwargs)
                 except _StopForward:
-                    pass
+                    continue
+                if outputs is not None:
+                    outputs.append(_layer_output(result).detach())
     finally:
         for handle in handles:
             handle.remove()
+    return collectors, outputs
 
+
+def _quantize_group(job: LayerJob, places: list[InputPlace], layer_scope: bool) -> list[dict[str, Any]]:
+    """Calibrate, plan, fold and quantize ``places`` (in execution order) of one layer."""
+    collectors, fp_outputs = _collect_statistics(job, places, full_outputs=layer_scope)
     all_stats: list[PlaceStats] = []
-    samples: dict[str, torch.Tensor] = {}
     for place in places:
         collector = collectors[place.name]
         if collector.absmax is None:
-            raise CalibrationError(f"layer {layer_index} place {place.name!r} saw no calibration activations")
-        _check_finite(collector.absmax, f"the inputs of layer {layer_index} at {place.name!r}")
-        weights = {name: get_submodule(layer, name).weight.detach().float() for name in place.linears}
-        stats = PlaceStats(
-            layer_index=layer_index,
-            place=place.name,
-            act_absmax=collector.absmax.cpu(),
-            act_sample=samples.setdefault(place.name, collector.sample()),
-            weights={k: v.cpu() for k, v in weights.items()},
-            absorbable=place.absorbable,
+            raise CalibrationError(f"layer {job.index} place {place.name!r} saw no calibration activations")
+        _check_finite(collector.absmax, f"the inputs of layer {job.index} at {place.name!r}")
+        weights = {name: get_submodule(job.layer, name).weight.detach().float().cpu() for name in place.linears}
+        all_stats.append(
+            PlaceStats(
+                layer_index=job.index,
+                place=place.name,
+                act_absmax=collector.absmax.cpu(),
+                act_sample=collector.sample(),
+                weights=weights,
+                absorbable=place.absorbable,
+                model=job.facts,
+            )
         )
-        all_stats.append(stats)
-    fitted = _in_parallel(
-        lambda stats: manager.plan(method, stats, options, settings), all_stats, workers, cost=lambda st: st.width
-    )
+
+    def plan_one(stats: PlaceStats) -> Plan:
+        plan = job.strategy.plan(stats, job.options, job.settings)
+        check_plan(job.strategy.name, plan, stats.place, stats.width)
+        return plan
+
+    fitted = _in_parallel(plan_one, all_stats, job.workers, cost=lambda st: st.width)
+    if layer_scope:
+        context = LayerContext(
+            index=job.index,
+            layer=job.layer,
+            places=list(places),
+            inputs=job.inputs,
+            fp_outputs=fp_outputs or [],
+            stats={st.place: st for st in all_stats},
+            plans={p.name: plan for p, plan in zip(places, fitted)},
+            model=job.facts,
+        )
+        refined = job.strategy.fit_layer(context, job.options, job.settings)
+        if refined is not None:
+            unknown = sorted(set(refined) - {p.name for p in places})
+            if unknown:
+                raise ValueError(f"strategy {job.strategy.name!r} returned plans for unknown places {unknown}")
+            fitted = [refined.get(p.name, plan) for p, plan in zip(places, fitted)]
+            for st, plan in zip(all_stats, fitted):
+                check_plan(job.strategy.name, plan, st.place, st.width)
     plans: list[tuple[InputPlace, Plan]] = list(zip(places, fitted))
 
     # Output-side folds (into norms, v_proj, up_proj) and input-side folds
@@ -294,20 +335,22 @@ def _quantize_group(
     for place, plan in plans:
         absorbed, online = split_absorbable(plan.transform, place.absorbable)
         if absorbed is not None:
-            _fold_into_previous(layer, place, absorbed)
+            _fold_into_previous(job.layer, place, absorbed)
         online_of[place.name] = online
-        summary.append({"layer": layer_index, "place": place.name, **_describe(plan, online, absorbed)})
+        summary.append({"layer": job.index, "place": place.name, **_describe(plan, online, absorbed)})
+
+    samples = {st.place: st.act_sample for st in all_stats}
 
     def quantize_one(item: tuple[InputPlace, Plan]) -> QuantSpec | None:
         place, plan = item
         xtx = collectors[place.name].xtx
         if xtx is not None:
             xtx = xtx.double().cpu() / collectors[place.name].count
-        return _quantize_place(layer, place, plan, online_of[place.name], samples[place.name], xtx, settings, kv_spec)
+        return _quantize_place(job, place, plan, online_of[place.name], samples[place.name], xtx)
 
     # Each place replaces its own linears, so places can be quantized side by side;
     # GPTQ and the searches grow with the input width.
-    quantized = _in_parallel(quantize_one, plans, workers, cost=lambda item: item[1].transform.size)
+    quantized = _in_parallel(quantize_one, plans, job.workers, cost=lambda item: item[1].transform.size)
     for entry, act_spec in zip(summary, quantized):
         if act_spec is not None:
             entry["act"] = str(act_spec)
@@ -336,20 +379,19 @@ def _in_parallel(fn: Callable[[Any], Any], items: list[Any], workers: int, cost:
 
 
 def _quantize_place(
-    layer: nn.Module,
+    job: LayerJob,
     place: InputPlace,
     plan: Plan,
     online: Transform | None,
     sample: torch.Tensor,
     xtx: torch.Tensor | None,  # mean xᵀx over all calibration rows, for GPTQ
-    settings: QuantSettings,
-    kv_spec: QuantSpec | None,
 ) -> QuantSpec | None:
     """Fold ``plan``'s transform into the place's linears and replace them by QuantLinears.
 
-    Returns the activation quantizer used (its clip ratio searched when
-    ``settings.act_clip_search``).
+    Returns the activation quantizer used (its clip ratio searched when the
+    plan says so).
     """
+    layer = job.layer
     linears = [get_submodule(layer, name) for name in place.linears]
     folded = [
         plan.transform.fold_into_weight(lin.weight.data.double(), None if lin.bias is None else lin.bias.data)
@@ -357,28 +399,25 @@ def _quantize_place(
     ]
     weights = [w for w, _ in folded]
     spec = plan.weight_spec
-    per_channel = spec is not None and spec.granularity == "channel"
     act_spec = plan.act_spec
-    search_act = act_spec is not None and settings.act_clip_search
+    search_act = act_spec is not None and plan.search_act_clip
+    search_weight = spec is not None and plan.search_weight_clip
+    hessian_needed = spec is not None and xtx is not None
     # What the weights will see: the transformed calibration activations, read by
     # the activation clip search, the weight clip search and GPTQ's noise term.
-    gptq_noise = xtx is not None and act_spec is not None
-    needs_seen = search_act or (per_channel and (settings.weight_clip_search or gptq_noise))
+    needs_seen = search_act or search_weight or (hessian_needed and act_spec is not None)
     seen = plan.transform(sample.float()) if needs_seen else None
-    # Sibling linears share their input, so the searches and GPTQ see them stacked.
+    # Sibling linears share their input, so the searches and the weight quantizer see them stacked.
     stacked = torch.cat(weights)
     if search_act:
         # A strided subsample spans every calibration batch and keeps the error cheap.
         act_rows = seen[:: max(1, seen.shape[0] // ACT_SEARCH_ROWS)]
         # float32 weights: the search only ranks ratios.
         act_spec = replace(act_spec, clip_ratio=search_act_clip_ratio(act_rows, act_spec, stacked.float()))
-    specs: list[QuantSpec | None] = [spec] * len(linears)
     quantized: list[Any] = [None] * len(linears)
-    if per_channel and (settings.weight_clip_search or xtx is not None):
-        # Per-row ranges and GPTQ are about the activations the weights will
-        # see; sibling linears share those, so they are done once.
+    if spec is not None:
         hessian = None
-        if xtx is not None:
+        if hessian_needed:
             # (XT)ᵀ(XT) = Tᵀ(XᵀX)T: transform the rows of the symmetric XᵀX, then the columns.
             hessian = plan.transform(plan.transform(xtx).T)
             if act_spec is not None:
@@ -387,39 +426,66 @@ def _quantize_place(
                 # the quantization noise acts as a data-driven damping.
                 noise = fake_quantize(seen, act_spec) - seen
                 hessian = hessian + (noise.T @ noise).double() / noise.shape[0]
-        if settings.weight_clip_search:
-            importance = seen.pow(2).mean(dim=0)
-            ratios = search_clip_ratios(stacked, spec, importance)
+        if search_weight:
+            ratios = search_clip_ratios(stacked, spec, seen.pow(2).mean(dim=0))
         else:
             ratios = torch.full((stacked.shape[0],), spec.clip_ratio, dtype=stacked.dtype)
-        range_weight = clamp_rows(stacked, ratios)
+        range_weight = clamp_to_ratios(stacked, ratios, spec)
         spec = replace(spec, clip_ratio=1.0)
-        specs = [spec] * len(linears)
+        q = job.weight_quantizer.quantize(stacked, spec, range_weight=range_weight, hessian=hessian)
+        # Each linear owns its pieces: views of one stacked storage cannot be saved (safetensors).
         rows = [w.shape[0] for w in weights]
-        if hessian is not None:
-            q = gptq_quantize(stacked, hessian, spec, range_weight=range_weight)
-            # Each linear owns its pieces: views of one stacked storage cannot be saved (safetensors).
-            quantized = [
-                replace(q, codes=c.clone(), scale=s.clone(), zero_point=z.clone(), shape=torch.Size(c.shape))
-                for c, s, z in zip(q.codes.split(rows), q.scale.split(rows), q.zero_point.split(rows))
-            ]
+        quantized = [
+            replace(q, codes=c.clone(), scale=sc.clone(), zero_point=z.clone(), shape=torch.Size(c.shape))
+            for c, sc, z in zip(q.codes.split(rows), q.scale.split(rows), q.zero_point.split(rows))
+        ]
         weights = list(range_weight.split(rows))
 
     shared = SharedInput() if len(linears) > 1 else None
-    for name, linear, weight, (_, bias), layer_spec, q in zip(place.linears, linears, weights, folded, specs, quantized):
-        output_spec = kv_spec if kv_spec is not None and name.endswith(("k_proj", "v_proj")) else None
+    for name, linear, weight, (_, bias), q in zip(place.linears, linears, weights, folded, quantized):
         module = QuantLinear(
             weight.to(linear.weight.dtype),
             bias,
             transform=online,
             act_spec=act_spec,
-            weight_spec=layer_spec,
-            output_spec=output_spec,
+            weight_spec=spec,
+            output_spec=job.output_specs.get(name),
             quantized_weight=q,
         ).to(linear.weight.device)
         module.shared_input = shared
         set_submodule(layer, name, module)
     return act_spec
+
+
+def prepare(
+    model: nn.Module,
+    method: str,
+    settings: QuantSettings,
+    options: dict[str, Any] | None,
+    manager: StrategyManager,
+) -> tuple[ModelAdapter, Strategy, dict[str, Any]]:
+    """Everything that can be checked before any work: the adapter, the strategy, its options."""
+    adapter = get_adapter(model)
+    strategy = manager.get(method)
+    return adapter, strategy, strategy.resolve(options, settings)
+
+
+def model_plan_for(
+    strategy: Strategy, facts: ModelFacts, options: dict[str, Any], settings: QuantSettings
+) -> ModelPlan | None:
+    """The strategy's model-scope plan, with the settings' residual rotation composed in front."""
+    plan = strategy.model_plan(facts, options, settings)
+    if not settings.residual_rotation:
+        return plan
+    if plan is not None and plan.residual is not None:
+        raise CalibrationError(
+            f"strategy {strategy.name!r} rotates the residual stream itself; drop residual_rotation "
+            "(--residual-rotation), which would rotate it a second time."
+        )
+    rotation = residual_hadamard_plan(facts, settings.seed)
+    if plan is None:
+        return rotation
+    return replace(plan, fuse_norms=True, residual=rotation.residual)
 
 
 def quantize_model(
@@ -442,31 +508,41 @@ def quantize_model(
     the transforms are applied: the model must then compute what it computed
     before, which is how the tests prove a method's transforms exact.
 
+    The strategy acts at its scopes in order: the model-scope plan (and the
+    settings' residual rotation) before calibration, then for each layer the
+    place plans, refined by the layer scope when the strategy has one.
     ``workers`` (default: torch's intra-op thread count) is how many places of
     a layer are fitted and quantized at once, each on one thread.
     """
     settings = settings or QuantSettings()
     manager = manager or get_plugin_manager()
-    info = manager.info(method)
-    resolved = info.resolve_options(options)
-    if calib_tokens.ndim != 2 or calib_tokens.numel() == 0:
+    adapter, strategy, resolved = prepare(model, method, settings, options, manager)
+    if not isinstance(calib_tokens, torch.Tensor) or calib_tokens.ndim != 2 or calib_tokens.numel() == 0:
+        shape = tuple(calib_tokens.shape) if isinstance(calib_tokens, torch.Tensor) else type(calib_tokens).__name__
+        raise CalibrationError(f"calibration tokens must be a non-empty (nsamples, seqlen) tensor, got {shape}")
+    if calib_tokens.is_floating_point() or calib_tokens.is_complex() or calib_tokens.dtype == torch.bool:
         raise CalibrationError(
-            f"calibration tokens must be a non-empty (nsamples, seqlen) tensor, got shape {tuple(calib_tokens.shape)}"
+            f"calibration tokens must be integer token ids, got dtype {calib_tokens.dtype}; "
+            "tokenize the text (or use quantcompose.data.calibration_tokens)."
         )
     vocab = getattr(model.config, "vocab_size", None)
     if vocab is not None and (calib_tokens.min() < 0 or calib_tokens.max() >= vocab):
         raise CalibrationError(f"calibration token ids must lie in [0, {vocab}); got ids outside that range")
 
     workers = torch.get_num_threads() if workers is None else max(1, int(workers))
-    adapter = get_adapter(model)
     report = QuantizationReport(method, settings, resolved)
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(settings.seed)
+    weight_quantizer = get_weight_quantizer(settings.weight_quantizer)
+    facts = model_facts(adapter)
+    plan = model_plan_for(strategy, facts, resolved, settings)
+    if plan is not None:
+        apply_model_plan(adapter, plan)
+        report.model_plan = _describe_model_plan(plan)
     layers = adapter.layers()
     kv_spec = None
     if settings.kv_bits is not None:
-        head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-        kv_spec = QuantSpec(settings.kv_bits, False, "group", head_dim)
+        kv_spec = QuantSpec(settings.kv_bits, False, "group", facts.head_dim)
 
     with torch.no_grad():
         inputs = capture_first_layer_inputs(model, layers, calib_tokens, batch_size)
@@ -474,10 +550,31 @@ def quantize_model(
             layer = layers[index]
             for hidden, _ in inputs:
                 _check_finite(hidden, f"the input of layer {index}")
-            report.places += quantize_layer(
-                layer, index, adapter.places(layer), inputs, method, resolved, settings,
-                manager, sample_rows, generator, kv_spec, workers,
+            output_specs: dict[str, QuantSpec] = {}
+            if kv_spec is not None:
+                for part in adapter.kv_outputs(layer).values():
+                    if part.rows is not None:
+                        raise CalibrationError(
+                            f"--kv-bits quantizes whole linear outputs; layer {index}'s K/V come from rows "
+                            f"{part.rows} of the fused {part.linear!r}, which this option cannot quantize."
+                        )
+                    output_specs[part.linear] = kv_spec
+            job = LayerJob(
+                layer=layer,
+                index=index,
+                places=adapter.places(layer),
+                inputs=inputs,
+                strategy=strategy,
+                options=resolved,
+                settings=settings,
+                weight_quantizer=weight_quantizer,
+                generator=generator,
+                sample_rows=sample_rows,
+                workers=workers,
+                facts=facts,
+                output_specs=output_specs,
             )
+            report.places += quantize_layer(job)
             inputs = [(_layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
             for module in layer.modules():  # free the last batch the siblings shared
                 if isinstance(module, QuantLinear) and module.shared_input is not None:
@@ -486,8 +583,29 @@ def quantize_model(
     return report
 
 
+def _describe_model_plan(plan: ModelPlan) -> dict[str, Any]:
+    def name(t: Transform | None) -> str:
+        return "-" if t is None else f"{type(t).__name__}({t.size})"
+
+    return {
+        "fuse_norms": plan.fuse_norms,
+        "residual": name(plan.residual),
+        "value_head": name(plan.value_head),
+        **plan.notes,
+    }
+
+
 def count_quantized(model: nn.Module) -> int:
     return sum(1 for m in model.modules() if isinstance(m, QuantLinear))
 
 
-__all__ = ["QuantizationReport", "quantize_model", "quantize_layer", "split_absorbable", "count_quantized"]
+__all__ = [
+    "LayerJob",
+    "QuantizationReport",
+    "count_quantized",
+    "model_plan_for",
+    "prepare",
+    "quantize_layer",
+    "quantize_model",
+    "split_absorbable",
+]

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
+from torch import nn
 
-from quantcompose.errors import QuantSpecError
+from quantcompose.errors import OptionError, QuantSpecError
+from quantcompose.options import Option, resolve_options
 from quantcompose.quant import QuantSpec
-from quantcompose.transforms import Transform
+from quantcompose.transforms import Identity, Transform
 
 Absorbable = Literal["any", "diagonal", "none"]
 
@@ -30,12 +32,13 @@ class QuantSettings:
     kv_bits: int | None = None  # quantize the K/V cache to this width (None: keep float)
     seed: int = 0
     # Per-row weight clipping picked by an activation-weighted error search
-    # (quant/clip_search.py); replaces a strategy's static weight clip ratio.
+    # (quant/clip_search.py). The search owns the weight clip ratio: a strategy
+    # option ``weight_clip`` set while it is on is an error, not ignored.
     weight_clip_search: bool = True
     # One activation clip ratio per input place, picked by the output error it
-    # causes on calibration activations (quant/clip_search.py); replaces a
-    # strategy's static activation clip ratio. On by default: with GPTQ it took
-    # DuQuant W4A4 on SmolLM2-135M from 1.49x to 1.43x full precision.
+    # causes on calibration activations (quant/clip_search.py). On by default:
+    # with GPTQ it took DuQuant W4A4 on SmolLM2-135M from 1.49x to 1.43x full
+    # precision. Like the weight search, it owns the ratio (``act_clip``).
     act_clip_search: bool = True
     # How weights are rounded: "rtn" (to nearest) or "gptq" (error-compensating,
     # Frantar et al. 2023). Applies to every strategy alike. GPTQ is the
@@ -46,6 +49,11 @@ class QuantSettings:
     # is fitted on the activations the quantized attention really produces
     # (GPTQ's "true sequential"); costs one more attention pass per layer.
     true_sequential: bool = False
+    # Rotate the residual stream once for the whole model (fused norms, a
+    # randomized Hadamard folded into every reader and writer of the stream)
+    # before any other strategy's transforms: QuaRot's model scope, composed
+    # with whichever place-scope strategy is chosen.
+    residual_rotation: bool = False
 
     def __post_init__(self) -> None:
         for name in ("wbits", "abits"):
@@ -63,6 +71,17 @@ class QuantSettings:
             raise QuantSpecError(
                 f"weight_quantizer={self.weight_quantizer!r} is unknown: use 'rtn' or 'gptq'."
             )
+        if self.weight_group_size is not None and (
+            isinstance(self.weight_group_size, bool)
+            or not isinstance(self.weight_group_size, int)
+            or self.weight_group_size < 1
+        ):
+            raise QuantSpecError(
+                f"weight_group_size={self.weight_group_size!r} must be a positive integer (e.g. 128), "
+                "or None for one scale per output channel."
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (0 <= self.seed < 2**63):
+            raise QuantSpecError(f"seed={self.seed!r} must be an integer in [0, 2**63).")
         if self.kv_bits is not None and not (2 <= self.kv_bits <= 8):
             raise QuantSpecError(f"kv_bits={self.kv_bits!r} is out of range: use 2..8 or leave it unset.")
 
@@ -96,6 +115,7 @@ class PlaceStats:
     act_sample: torch.Tensor  # (tokens, in) calibration activations (a subsample), float32
     weights: dict[str, torch.Tensor]  # the consuming linears' weights (out, in), float32, by name
     absorbable: Absorbable  # what the module before the place can fold exactly
+    model: "ModelFacts | None" = None  # the model's shape (heads, head size), for head-aware transforms
 
     @property
     def width(self) -> int:
@@ -118,29 +138,68 @@ class Plan:
     act_spec: QuantSpec | None
     weight_spec: QuantSpec | None
     notes: dict[str, Any] = field(default_factory=dict)
+    # The pipeline picks the clip ratio by search instead of using the spec's
+    # ``clip_ratio`` (which is then 1.0). The plan is the only place this is decided.
+    search_act_clip: bool = False
+    search_weight_clip: bool = False
+
+
 
 
 @dataclass(frozen=True)
-class Option:
-    """One option a strategy accepts (shown by ``quantcompose methods``)."""
+class ModelFacts:
+    """The shape of the model being quantized, as its adapter states it (never read from module paths)."""
 
-    default: Any
-    help: str
-    type: Callable[[str], Any] | None = None  # parser for CLI strings; defaults to type(default)
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    head_dim: int
+    num_heads: int
+    num_kv_heads: int
+    tied_embeddings: bool
 
-    def parse(self, text: str) -> Any:
-        if self.type is not None:
-            return self.type(text)
-        if isinstance(self.default, bool):
-            lowered = text.strip().lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(f"expected a boolean (true/false), got {text!r}")
-        if self.default is None:
-            return text
-        return type(self.default)(text)
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """A model-scope strategy's answer: exact model-wide rewrites, applied before calibration.
+
+    * ``fuse_norms``: fold every RMSNorm's weight into the linears it feeds
+      (the final norm into the LM head, which is untied from the embedding
+      first when they are tied), leaving unit-weight norms.
+    * ``residual``: an orthogonal transform of the residual stream, folded
+      into the embedding, every residual writer's output (``o_proj``,
+      ``down_proj``) and every reader's input (q/k/v, gate/up, LM head).
+      RMSNorm commutes only with orthogonal maps, so it needs ``fuse_norms``.
+    * ``value_head``: a ``head_dim``-wide transform folded into each value
+      head's output rows and each query head's block of ``o_proj``'s input,
+      exact under grouped-query attention because every head shares it.
+    """
+
+    fuse_norms: bool = False
+    residual: Transform | None = None
+    value_head: Transform | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LayerContext:
+    """What a layer-scope strategy sees for one decoder layer.
+
+    ``layer`` is the full-precision layer with the earlier scopes' transforms
+    folded; a strategy may run it (or a copy) but must not modify it.
+    ``fp_outputs[i]`` is what ``layer`` returns for ``inputs[i]``.
+    ``plans`` are the strategy's own place-scope plans, the starting point
+    for refinement; ``stats`` the statistics they were fitted on.
+    """
+
+    index: int
+    layer: nn.Module
+    places: list[Any]  # list[quantcompose.models.InputPlace]
+    inputs: list[tuple[torch.Tensor, dict[str, Any]]]
+    fp_outputs: list[torch.Tensor]
+    stats: dict[str, PlaceStats]
+    plans: dict[str, Plan]
+    model: ModelFacts | None = None
 
 
 @dataclass(frozen=True)
@@ -150,34 +209,134 @@ class StrategyInfo:
     name: str
     description: str
     options: dict[str, Option] = field(default_factory=dict)
+    scopes: tuple[str, ...] = ("place",)
 
     def resolve_options(self, given: dict[str, Any] | None) -> dict[str, Any]:
-        """Defaults overlaid with ``given``; unknown keys raise a clear error."""
-        given = dict(given or {})
-        unknown = sorted(set(given) - set(self.options))
-        if unknown:
-            raise KeyError(
-                f"strategy {self.name!r} has no option(s) {unknown}; "
-                f"its options are {sorted(self.options)}"
-            )
-        resolved = {key: opt.default for key, opt in self.options.items()}
-        for key, value in given.items():
-            resolved[key] = self.options[key].parse(value) if isinstance(value, str) else value
-        return resolved
+        """Defaults overlaid with ``given``, parsed and range-checked; an :class:`OptionError` otherwise."""
+        return resolve_options(self.name, self.options, given)
 
 
 def clip_options(act_clip: float = 1.0, weight_clip: float = 1.0) -> dict[str, Option]:
-    """The two clipping options most strategies offer, with their defaults."""
+    """The two clipping options most strategies offer.
+
+    Both default to unset: the clip searches (on by default) then pick the
+    ratios; with a search turned off, the strategy's own default (the values
+    given here) applies. Setting one while its search is on is an error.
+    """
+    from quantcompose.options import in_range, optional, parse_optional_float
+
     return {
-        "act_clip": Option(act_clip, "activation clipping ratio in (0, 1]"),
-        "weight_clip": Option(weight_clip, "weight clipping ratio in (0, 1]"),
+        "act_clip": Option(
+            None,
+            f"fixed activation clipping ratio in (0, 1]; needs the activation clip search off "
+            f"(default: searched per place, {act_clip} with the search off)",
+            type=parse_optional_float,
+            check=optional(in_range(0.0, 1.0, low_open=True)),
+        ),
+        "weight_clip": Option(
+            None,
+            f"fixed weight clipping ratio in (0, 1]; needs the weight clip search off "
+            f"(default: searched per row, {weight_clip} with the search off)",
+            type=parse_optional_float,
+            check=optional(in_range(0.0, 1.0, low_open=True)),
+        ),
     }
 
 
-def clipped_plan(transform: Transform, options: dict[str, Any], settings: QuantSettings) -> Plan:
-    """A plan with the user's quantizers, clipped by the ``act_clip`` / ``weight_clip`` options."""
-    return Plan(
-        transform=transform,
-        act_spec=settings.act_spec(options["act_clip"]),
-        weight_spec=settings.weight_spec(options["weight_clip"]),
-    )
+class Strategy:
+    """A quantization method: subclass, set the class attributes, override the scopes it acts at.
+
+    The three scopes, called in this order by the pipeline:
+
+    * :meth:`model_plan` (model scope), once before calibration;
+    * :meth:`plan` (place scope), for each input place of each layer, possibly
+      concurrently from worker threads (keep no mutable state; derive any
+      randomness from ``settings.seed`` and the place);
+    * :meth:`fit_layer` (layer scope), for each layer after its place plans,
+      with the layer's calibration inputs and full-precision outputs.
+
+    A strategy never edits the model: it returns plans, and the pipeline
+    folds and quantizes them.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    options: ClassVar[dict[str, Option]] = {}
+    #: Clip ratios used when the user turns a clip search off and leaves the option unset.
+    act_clip_default: ClassVar[float] = 1.0
+    weight_clip_default: ClassVar[float] = 1.0
+
+    @property
+    def info(self) -> StrategyInfo:
+        return StrategyInfo(self.name, self.description, dict(self.options), self.scopes())
+
+    @classmethod
+    def scopes(cls) -> tuple[str, ...]:
+        """The scopes this strategy acts at (the methods it overrides)."""
+        acts = [
+            ("model", "model_plan"),
+            ("layer", "fit_layer"),
+            ("place", "plan"),
+        ]
+        return tuple(scope for scope, method in acts if getattr(cls, method) is not getattr(Strategy, method))
+
+    def resolve(self, given: dict[str, Any] | None, settings: "QuantSettings") -> dict[str, Any]:
+        """Options parsed, range-checked and checked against ``settings``: call before calibration."""
+        options = resolve_options(self.name, self.options, given)
+        self.check(options, settings)
+        return options
+
+    def check(self, options: dict[str, Any], settings: "QuantSettings") -> None:
+        """Raise :class:`OptionError` for options that conflict with each other or with ``settings``."""
+        for key, search, setting, flag in (
+            ("act_clip", settings.act_clip_search and settings.abits < 16, "act_clip_search", "--no-act-clip-search"),
+            ("weight_clip", settings.weight_clip_search and settings.wbits < 16, "weight_clip_search", "--no-clip-search"),
+        ):
+            if options.get(key) is not None and search:
+                raise OptionError(
+                    f"{self.name} option {key}={options[key]} fixes a clip ratio, but the clip search that "
+                    f"owns it is on (QuantSettings.{setting}, the default). Turn the search off "
+                    f"({setting}=False, CLI {flag}) to use a fixed ratio, or drop the option."
+                )
+
+    # -- the three scopes ------------------------------------------------------------
+    def model_plan(self, model: ModelFacts, options: dict[str, Any], settings: "QuantSettings") -> ModelPlan | None:
+        """Model scope: exact model-wide rewrites before calibration, or ``None``."""
+        return None
+
+    def plan(self, stats: PlaceStats, options: dict[str, Any], settings: "QuantSettings") -> Plan:
+        """Place scope: the transform and quantizers of one input place (default: none, just quantizers)."""
+        return self.quantizer_plan(Identity(stats.width), options, settings)
+
+    def fit_layer(
+        self, layer: LayerContext, options: dict[str, Any], settings: "QuantSettings"
+    ) -> dict[str, Plan] | None:
+        """Layer scope: refined plans by place name (``None``: keep ``layer.plans``)."""
+        return None
+
+    # -- helpers for subclasses ---------------------------------------------------------
+    def quantizer_plan(
+        self,
+        transform: Transform,
+        options: dict[str, Any],
+        settings: "QuantSettings",
+        notes: dict[str, Any] | None = None,
+    ) -> Plan:
+        """A plan with the user's quantizers and this strategy's clip decision.
+
+        An unset ``act_clip`` / ``weight_clip`` option means: searched when the
+        settings' search is on, else this strategy's default ratio.
+        """
+        act_clip, weight_clip = options.get("act_clip"), options.get("weight_clip")
+        search_act = act_clip is None and settings.act_clip_search and settings.abits < 16
+        search_weight = weight_clip is None and settings.weight_clip_search and settings.wbits < 16
+        act_ratio = 1.0 if search_act else (self.act_clip_default if act_clip is None else float(act_clip))
+        weight_ratio = 1.0 if search_weight else (self.weight_clip_default if weight_clip is None else float(weight_clip))
+        return Plan(
+            transform=transform,
+            act_spec=settings.act_spec(act_ratio),
+            weight_spec=settings.weight_spec(weight_ratio),
+            notes=dict(notes or {}),
+            search_act_clip=search_act,
+            search_weight_clip=search_weight,
+        )

@@ -257,35 +257,61 @@ def test_inputs_are_not_modified():
 
 
 # ---------------------------------------------------------------------------- hooks and options
-def test_info_and_plan_hook():
-    info = dq.quantcompose_strategy_info()
-    assert info.name == "duquant"
+def test_info_and_plan():
+    info = dq.STRATEGY.info
+    assert info.name == "duquant" and info.scopes == ("place",)
     assert {"smooth", "alpha", "rotate", "block_size", "steps", "permute", "second_rotation", "act_clip", "weight_clip", "seed"} <= set(info.options)
     stats = _stats(width=256, tokens=64)
-    opts = info.resolve_options({"steps": 8})
-    assert dq.quantcompose_plan("rtn", stats, opts, QuantSettings()) is None
-    plan = dq.quantcompose_plan("duquant", stats, opts, QuantSettings(wbits=4, abits=4))
+    # With the clip searches off, the reference's static ratios apply (--lac 0.9, --swc 0.8).
+    static = QuantSettings(wbits=4, abits=4, act_clip_search=False, weight_clip_search=False)
+    opts = dq.STRATEGY.resolve({"steps": 8}, static)
+    plan = dq.STRATEGY.plan(stats, opts, static)
     assert isinstance(plan, Plan)
     assert plan.act_spec.clip_ratio == 0.9 and plan.act_spec.granularity == "token" and plan.act_spec.bits == 4
     assert plan.weight_spec.clip_ratio == 0.8 and plan.weight_spec.granularity == "channel"
+    assert not plan.search_act_clip and not plan.search_weight_clip
     assert "r1_steps" in plan.notes
-    plan16 = dq.quantcompose_plan("duquant", stats, opts, QuantSettings(wbits=16, abits=16))
+    # With the searches on (the default), the plan says so and carries no static ratio.
+    searched = dq.STRATEGY.plan(stats, opts, QuantSettings(wbits=4, abits=4))
+    assert searched.search_act_clip and searched.search_weight_clip
+    assert searched.act_spec.clip_ratio == 1.0 and searched.weight_spec.clip_ratio == 1.0
+    plan16 = dq.STRATEGY.plan(stats, opts, QuantSettings(wbits=16, abits=16))
     assert plan16.act_spec is None and plan16.weight_spec is None
+    assert not plan16.search_act_clip and not plan16.search_weight_clip
+
+
+def test_a_fixed_clip_ratio_with_its_search_on_is_an_error():
+    from quantcompose.errors import OptionError
+
+    with pytest.raises(OptionError, match="act_clip=0.9 fixes a clip ratio.*--no-act-clip-search"):
+        dq.STRATEGY.resolve({"act_clip": "0.9"}, QuantSettings())
+    with pytest.raises(OptionError, match="weight_clip=0.7.*--no-clip-search"):
+        dq.STRATEGY.resolve({"weight_clip": 0.7}, QuantSettings())
+    settings = QuantSettings(act_clip_search=False)
+    plan = dq.STRATEGY.plan(_stats(width=64, tokens=16), dq.STRATEGY.resolve({"act_clip": "0.7", "steps": 2}, settings), settings)
+    assert plan.act_spec.clip_ratio == 0.7 and not plan.search_act_clip and plan.search_weight_clip
 
 
 def test_options_are_validated_and_parsed():
-    info = dq.quantcompose_strategy_info()
-    with pytest.raises(KeyError, match="rotation_steps"):
+    from quantcompose.errors import OptionError
+
+    info = dq.STRATEGY.info
+    with pytest.raises(OptionError, match="rotation_steps"):
         info.resolve_options({"rotation_steps": 3})
-    with pytest.raises(KeyError):
+    with pytest.raises(OptionError):
         dq.build_duquant_transform(_stats(width=64, tokens=16), {"blocksize": 32})
     parsed = info.resolve_options({"second_rotation": "false", "seed": "7", "alpha": "0.5", "permute": "off", "steps": "10"})
     assert parsed["second_rotation"] is False and parsed["seed"] == 7 and parsed["alpha"] == 0.5
     assert parsed["permute"] is False and parsed["steps"] == 10
     assert info.resolve_options({"second_rotation": "auto"})["second_rotation"] is None
-    for bad in ({"alpha": 2.0}, {"block_size": 0}, {"steps": -1}, {"act_clip": 0.0}):
-        with pytest.raises(ValueError):
-            dq.build_duquant_transform(_stats(width=64, tokens=16), bad)
+    bad_values = (
+        {"alpha": 2.0}, {"alpha": "5"}, {"block_size": 0}, {"block_size": "0"}, {"steps": -1},
+        {"act_clip": 0.0}, {"act_clip": "abc"}, {"smooth": "maybe"}, {"block_size": 2.5}, {"smooth": 3},
+        {"seed": -1},
+    )
+    for bad in bad_values:
+        with pytest.raises(OptionError, match=next(iter(bad))):
+            info.resolve_options(bad)
 
 
 def test_registered_through_the_entry_point_when_installed():

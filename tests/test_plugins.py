@@ -8,10 +8,11 @@ import textwrap
 import pytest
 import torch
 
-from quantcompose.errors import UnknownStrategyError
+from quantcompose.errors import OptionError, UnknownStrategyError
+from quantcompose.hookspecs import hookimpl
 from quantcompose.plugin_manager import ENTRY_POINT_GROUP, StrategyManager
-from quantcompose.strategy import PlaceStats, QuantSettings
-from quantcompose.transforms import Identity
+from quantcompose.strategy import PlaceStats, Plan, QuantSettings, Strategy
+from quantcompose.transforms import Identity, Scale
 
 
 def _stats(width: int = 8) -> PlaceStats:
@@ -30,7 +31,7 @@ def test_builtin_rtn_is_found_through_the_entry_point():
 
 def test_sixteen_bits_means_float():
     manager = StrategyManager()
-    plan = manager.plan("rtn", _stats(), {"act_clip": 1.0, "weight_clip": 1.0}, QuantSettings(wbits=16, abits=16))
+    plan = manager.plan("rtn", _stats(), {"act_clip": None, "weight_clip": None}, QuantSettings(wbits=16, abits=16))
     assert plan.act_spec is None and plan.weight_spec is None
 
 
@@ -38,19 +39,22 @@ def test_third_party_package_is_discovered_from_its_entry_point(tmp_path, monkey
     """A throw-away strategy 'installed' as a distribution on sys.path."""
     (tmp_path / "throwaway_strategy.py").write_text(textwrap.dedent('''
         from quantcompose.hookspecs import hookimpl
-        from quantcompose.strategy import Plan, StrategyInfo, Option
+        from quantcompose.options import Option
+        from quantcompose.strategy import Plan, Strategy
         from quantcompose.transforms import Scale
         import torch
 
-        @hookimpl
-        def quantcompose_strategy_info():
-            return StrategyInfo("throwaway", "doubles every channel", {"factor": Option(2.0, "scale")})
+        class Throwaway(Strategy):
+            name = "throwaway"
+            description = "doubles every channel"
+            options = {"factor": Option(2.0, "scale")}
+
+            def plan(self, stats, options, settings):
+                return Plan(Scale(torch.full((stats.width,), options["factor"])), None, None)
 
         @hookimpl
-        def quantcompose_plan(method, stats, options, settings):
-            if method != "throwaway":
-                return None
-            return Plan(Scale(torch.full((stats.width,), options["factor"])), None, None)
+        def quantcompose_strategies():
+            yield Throwaway()
     '''))
     dist = tmp_path / "throwaway_strategy-0.1.dist-info"
     dist.mkdir()
@@ -67,33 +71,68 @@ def test_third_party_package_is_discovered_from_its_entry_point(tmp_path, monkey
     torch.testing.assert_close(plan.transform.factors, torch.full((8,), 3.0))
 
 
-def test_register_by_hand_and_unknown_method():
-    class Inline:
-        from quantcompose.hookspecs import hookimpl
+class _Inline:
+    """A plugin object that yields two strategies: the manager serves both by name."""
 
-        @hookimpl
-        def quantcompose_strategy_info(self):
-            from quantcompose.strategy import StrategyInfo
+    @hookimpl
+    def quantcompose_strategies(self):
+        class Ident(Strategy):
+            name = "inline"
+            description = "identity"
 
-            return StrategyInfo("inline", "identity")
+        class Halve(Strategy):
+            name = "inline-halve"
+            description = "halves every channel"
 
-        @hookimpl
-        def quantcompose_plan(self, method, stats, options, settings):
-            from quantcompose.strategy import Plan
+            def plan(self, stats, options, settings):
+                return Plan(Scale(torch.full((stats.width,), 0.5)), None, None)
 
-            return Plan(Identity(stats.width), None, None) if method == "inline" else None
+        return [Ident(), Halve()]
 
+
+def test_a_plugin_yielding_two_strategies_serves_both():
     manager = StrategyManager(load_entry_points=False)
-    manager.register(Inline())
-    assert list(manager.strategies()) == ["inline"]
-    with pytest.raises(UnknownStrategyError, match="installed strategies are \\['inline'\\]"):
+    manager.register(_Inline())
+    assert list(manager.strategies()) == ["inline", "inline-halve"]
+    settings = QuantSettings(wbits=16, abits=16)
+    assert isinstance(manager.plan("inline", _stats(), {}, settings).transform, Identity)
+    assert torch.equal(manager.plan("inline-halve", _stats(), {}, settings).transform.factors, torch.full((8,), 0.5))
+    with pytest.raises(UnknownStrategyError, match="installed strategies are \\['inline', 'inline-halve'\\]"):
         manager.info("nosuch")
+
+
+def test_two_plugins_claiming_one_name_are_refused():
+    manager = StrategyManager(load_entry_points=False)
+    manager.register(_Inline())
+    with pytest.raises(ValueError, match="inline"):
+        manager.register(_Inline(), name="again")
+    assert list(manager.strategies()) == ["inline", "inline-halve"]  # the refused plugin left nothing behind
+
+
+def test_shipped_plugins_yield_their_strategies():
+    names = set(StrategyManager().strategies())
+    assert {"rtn", "duquant", "smoothquant", "quarot", "quarot-online"} <= names
+    assert StrategyManager().info("quarot").scopes == ("model", "place")
 
 
 def test_unknown_option_is_rejected():
     manager = StrategyManager()
-    with pytest.raises(KeyError, match="no option"):
+    with pytest.raises(OptionError, match="no option"):
         manager.info("rtn").resolve_options({"alpha": 0.5})
+
+
+def test_bad_options_fail_before_calibration():
+    """A bad option is an OptionError from quantize_model before the model is touched."""
+    from toymodel import tiny_llama
+
+    from quantcompose.pipeline import quantize_model
+
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for method, options in (("smoothquant", {"alpha": 5}), ("duquant", {"block_size": 0}), ("rtn", {"act_clip": "abc"})):
+        with pytest.raises(OptionError):
+            quantize_model(model, torch.randint(0, 128, (2, 8)), method, QuantSettings(), options, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_bits_out_of_range_raise():

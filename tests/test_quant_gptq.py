@@ -60,8 +60,27 @@ def test_gptq_bad_shapes_are_clear_errors():
     w = torch.randn(4, 8)
     with pytest.raises(ShapeError, match="hessian must be"):
         gptq_quantize(w, torch.eye(7), SPEC)
-    with pytest.raises(ShapeError, match="per output channel"):
-        gptq_quantize(w, torch.eye(8), QuantSpec(4, False, "group", 4, 1.0))
+    with pytest.raises(ShapeError, match="per output channel or per group"):
+        gptq_quantize(w, torch.eye(8), QuantSpec(4, False, "tensor", None, 1.0))
+    with pytest.raises(ShapeError, match="not divisible by group_size"):
+        gptq_quantize(w, torch.eye(8), QuantSpec(4, False, "group", 3, 1.0))
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_per_group_runs_gptq_not_round_to_nearest(act_order):
+    """Per-group GPTQ keeps each group's static scales and beats rounding to nearest on its data."""
+    spec = QuantSpec(4, False, "group", 16, 1.0)
+    x = correlated_inputs(512, 64)
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    q = gptq_quantize(w, x.T @ x, spec, act_order=act_order)
+    scale, zero = compute_qparams(w, spec)
+    assert q.scale.shape == (24, 4, 1) and torch.allclose(q.scale.double(), scale)
+    assert torch.equal(q.zero_point.double(), zero)
+    assert q.codes.min() >= spec.qmin and q.codes.max() <= spec.qmax
+    rtn = fake_quantize(w, spec)
+    gptq = dequantize(q, torch.float64)
+    assert not torch.equal(gptq, rtn)  # GPTQ moved codes: it did not fall back to rounding
+    assert output_error(x, w, gptq) < 0.8 * output_error(x, w, rtn)
 
 
 def test_clip_search_never_does_worse_than_no_clipping():

@@ -10,6 +10,7 @@ from torch import nn
 from quantcompose.strategy import Absorbable
 
 PrevKind = Literal["norm", "linear", "none"]
+RowRange = tuple[int, int]  # rows [start, stop) of a linear's output (its weight's dim 0)
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,24 @@ class InputPlace:
     prev: str | None
     prev_kind: PrevKind
     absorbable: Absorbable
+    group: str = ""  # the sub-block ("attention", "mlp"): true-sequential calibration follows it
+    prev_rows: RowRange | None = None  # rows of a fused prev linear's output that are this activation
+
+
+@dataclass(frozen=True)
+class ResidualReader:
+    """A norm on the residual stream and the linears that read its output."""
+
+    norm: str
+    linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class OutputSlice:
+    """The rows of a linear's output that hold one quantity (K, V), or all of it."""
+
+    linear: str
+    rows: RowRange | None = None
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
@@ -53,3 +72,51 @@ class ModelAdapter:
 
     def places(self, layer: nn.Module) -> list[InputPlace]:
         raise NotImplementedError
+
+    # -- model-wide facts (model scope) ------------------------------------------------
+    def embedding(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    def final_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+    def lm_head(self) -> nn.Linear:
+        raise NotImplementedError
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.model.config.num_attention_heads)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(getattr(self.model.config, "num_key_value_heads", None) or self.num_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return int(getattr(self.model.config, "head_dim", None) or self.hidden_size // self.num_heads)
+
+    def residual_readers(self, layer: nn.Module) -> tuple[ResidualReader, ...]:
+        raise NotImplementedError
+
+    def residual_writers(self, layer: nn.Module) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def kv_outputs(self, layer: nn.Module) -> dict[str, OutputSlice]:
+        raise NotImplementedError
+
+    def tied_embeddings(self) -> bool:
+        return self.lm_head().weight is self.embedding().weight
+
+    def untie_embeddings(self) -> None:
+        """Give the LM head its own copy of the embedding matrix (exact)."""
+        head = self.lm_head()
+        if self.tied_embeddings():
+            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        self.model.config.tie_word_embeddings = False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from quantcompose.models.adapter import InputPlace, ModelAdapter
+from quantcompose.models.adapter import InputPlace, ModelAdapter, OutputSlice, ResidualReader
 
 
 class LlamaAdapter(ModelAdapter):
@@ -40,6 +40,7 @@ class LlamaAdapter(ModelAdapter):
                 "input_layernorm",
                 "norm",
                 "diagonal",
+                "attention",
             ),
             InputPlace(
                 "attn_out",
@@ -47,6 +48,7 @@ class LlamaAdapter(ModelAdapter):
                 "self_attn.v_proj" if attn_out_absorbs != "none" else None,
                 "linear" if attn_out_absorbs != "none" else "none",
                 attn_out_absorbs,
+                "attention",
             ),
             InputPlace(
                 "mlp_in",
@@ -54,6 +56,31 @@ class LlamaAdapter(ModelAdapter):
                 "post_attention_layernorm",
                 "norm",
                 "diagonal",
+                "mlp",
             ),
-            InputPlace("mlp_down", ("mlp.down_proj",), "mlp.up_proj", "linear", "diagonal"),
+            InputPlace("mlp_down", ("mlp.down_proj",), "mlp.up_proj", "linear", "diagonal", "mlp"),
         ]
+
+    def embedding(self) -> nn.Embedding:
+        return self.model.model.embed_tokens
+
+    def final_norm(self) -> nn.Module:
+        return self.model.model.norm
+
+    def lm_head(self) -> nn.Linear:
+        return self.model.lm_head
+
+    def residual_readers(self, layer: nn.Module) -> tuple[ResidualReader, ...]:
+        return (
+            ResidualReader("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ResidualReader("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        )
+
+    def residual_writers(self, layer: nn.Module) -> tuple[str, ...]:
+        return ("self_attn.o_proj", "mlp.down_proj")
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def kv_outputs(self, layer: nn.Module) -> dict[str, OutputSlice]:
+        return {"k": OutputSlice("self_attn.k_proj"), "v": OutputSlice("self_attn.v_proj")}

@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 
 from quantcompose.errors import ShapeError
-from quantcompose.quant.functional import _reduce_min_max, fake_quantize_with, qparams_from_range
+from quantcompose.quant.functional import _grouped, _reduce_min_max, fake_quantize_with, qparams_from_range
 from quantcompose.quant.spec import QuantSpec
 
 #: Elements of a weight processed together by the row clip search (~1 MiB of float32).
@@ -37,9 +37,13 @@ def search_clip_ratios(
     importance: torch.Tensor | None = None,
     grid: tuple[float, ...] = DEFAULT_GRID,
 ) -> torch.Tensor:
-    """The best clip ratio per row of ``weight`` (out, in) for a per-channel ``spec``."""
-    if spec.granularity != "channel":
-        raise ShapeError(f"clip search works per output channel; got a {spec.granularity!r} quantizer")
+    """The best clip ratio per row of ``weight`` (out, in) for a per-channel or per-group ``spec``.
+
+    With groups, one ratio per row shrinks each of its groups' ranges alike
+    (see :func:`clamp_to_ratios`).
+    """
+    if spec.granularity not in ("channel", "group"):
+        raise ShapeError(f"clip search works per output channel or group; got a {spec.granularity!r} quantizer")
     w = weight.detach().float()
     h = torch.ones(w.shape[1]) if importance is None else importance.detach().float().to(w.device)
     if h.shape != (w.shape[1],):
@@ -48,17 +52,33 @@ def search_clip_ratios(
     # A chunk of rows stays in cache across the whole grid; the search is memory-bound.
     rows_per_chunk = max(1, SEARCH_CHUNK_ELEMENTS // w.shape[1])
     for start in range(0, w.shape[0], rows_per_chunk):
-        chunk = w[start : start + rows_per_chunk]
+        chunk = _grouped(w[start : start + rows_per_chunk], spec)
+        hg = _grouped(h, spec)
         lo, hi = _reduce_min_max(chunk, spec)
         best_err = torch.full((chunk.shape[0],), float("inf"), device=w.device)
         best = best_ratio[start : start + rows_per_chunk]
         for ratio in grid:
             scale, zero = qparams_from_range(lo, hi, replace(spec, clip_ratio=float(ratio)))
-            err = (fake_quantize_with(chunk, scale, zero, spec).sub_(chunk).square_() * h).sum(dim=1)
+            err = (fake_quantize_with(chunk, scale, zero, spec).sub_(chunk).square_() * hg).flatten(1).sum(dim=1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best.masked_fill_(better, float(ratio))
     return best_ratio
+
+
+def clamp_to_ratios(weight: torch.Tensor, ratios: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``weight`` clamped so that quantizing it with ``clip_ratio=1`` equals ``clip_ratio=ratios[row]``.
+
+    Per channel that is :func:`clamp_rows`; per group, each group of a row is
+    clamped to ``ratio ×`` its own ``[min(group, 0), max(group, 0)]``.
+    """
+    if spec.granularity != "group":
+        return clamp_rows(weight, ratios)
+    wg = _grouped(weight, spec)
+    r = ratios.to(weight.dtype).reshape(-1, 1, 1)
+    lo = wg.amin(dim=-1, keepdim=True).clamp(max=0) * r
+    hi = wg.amax(dim=-1, keepdim=True).clamp(min=0) * r
+    return torch.maximum(torch.minimum(wg, hi), lo).reshape(weight.shape)
 
 
 def clamp_rows(weight: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:

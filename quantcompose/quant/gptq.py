@@ -4,8 +4,9 @@ Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative
 Pre-trained Transformers" (ICLR 2023). With ``H = XᵀX`` of the layer's inputs,
 quantizing column ``i`` and spreading its error over the columns not yet
 quantized through the inverse Hessian minimises ``‖X(W − Q)ᵀ‖²`` greedily.
-The per-row scales and zero points are fixed up front (from the possibly
-clipped weight), so the result is an ordinary per-channel quantized tensor.
+The scales and zero points are fixed up front (from the possibly clipped
+weight), per row or per group of columns ("static groups"), so the result is
+an ordinary per-channel or per-group quantized tensor.
 """
 
 from __future__ import annotations
@@ -45,21 +46,24 @@ def gptq_quantize(
     block: int = 128,
     act_order: bool = True,
 ) -> QuantizedTensor:
-    """Quantize ``weight`` (out, in) per output channel with GPTQ error compensation.
+    """Quantize ``weight`` (out, in) per output channel or per group with GPTQ error compensation.
 
     ``hessian`` is ``XᵀX`` (in, in) of the inputs the layer sees; ``range_weight``
     (default ``weight``) sets each row's quantization range, e.g. a clipped copy.
     ``act_order`` quantizes the columns with the largest ``H`` diagonal first, so
     the error of the channels that matter most is spread over the most others
-    (GPTQ's "act-order"); the scales are per row, so the order changes nothing else.
+    (GPTQ's "act-order"). Group scales are computed before the sweep from
+    ``range_weight``'s groups of consecutive columns, so act-order only changes
+    the order in which columns are rounded, never which scale a column uses.
     """
-    if spec.granularity != "channel":
-        raise ShapeError(f"GPTQ here quantizes per output channel; got a {spec.granularity!r} quantizer")
+    if spec.granularity not in ("channel", "group"):
+        raise ShapeError(f"GPTQ quantizes per output channel or per group; got a {spec.granularity!r} quantizer")
     out_features, in_features = weight.shape
     if hessian.shape != (in_features, in_features):
         raise ShapeError(f"hessian must be ({in_features}, {in_features}), got {tuple(hessian.shape)}")
     w = weight.detach().to(torch.float64).clone()
     scale, zero = compute_qparams((weight if range_weight is None else range_weight).detach().double(), spec)
+    grouped = spec.granularity == "group"
     h = hessian.detach().to(torch.float64).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
@@ -73,7 +77,13 @@ def gptq_quantize(
     w, hinv = w.float().contiguous(), hinv.float().contiguous()
 
     with limited_threads(SWEEP_THREADS):
-        s, z = scale.reshape(-1).float(), zero.reshape(-1).float()
+        if grouped:
+            # Column j uses group j // group_size: one (in, out) row of scales per permuted column.
+            group_of = order // int(spec.group_size)
+            s = scale.squeeze(-1).float()[:, group_of].T.contiguous()
+            z = zero.squeeze(-1).float()[:, group_of].T.contiguous()
+        else:
+            s, z = scale.reshape(-1).float(), zero.reshape(-1).float()
         codes = _sweep(w, hinv, s, z, int(spec.qmin), int(spec.qmax), block)
     codes = codes[:, torch.argsort(order)]
     return QuantizedTensor(
@@ -91,7 +101,7 @@ def _sweep(
     """GPTQ's column sweep on float32 tensors; returns the integer codes (float32).
 
     ``w`` (out, in) is updated in place; ``hinv`` is the upper Cholesky factor
-    of ``H⁻¹``. The loop is inherently sequential (each column is rounded
+    of ``H⁻¹``. ``s`` / ``z`` are per row (out,) or per column (in, out). The loop is inherently sequential (each column is rounded
     after the errors of all earlier ones reach it), so its cost is mostly
     per-call overhead: one fused fake-quantize per column, a rank-1 update
     of the block's later columns, and one matrix product per block. A column
@@ -100,6 +110,7 @@ def _sweep(
     """
     out_features, in_features = w.shape
     codes = torch.empty_like(w)
+    per_column = s.dim() == 2
     zero_int = z.round().to(torch.int32)
     for start in range(0, in_features, block):
         stop = min(start + block, in_features)
@@ -111,14 +122,22 @@ def _sweep(
         width = stop - start
         for i in range(width):
             column = w_block[:, i]
-            rounded = torch.fake_quantize_per_channel_affine(column, s, zero_int, 0, qmin, qmax)
+            if per_column:
+                j = start + i
+                rounded = torch.fake_quantize_per_channel_affine(column, s[j], zero_int[j], 0, qmin, qmax)
+            else:
+                rounded = torch.fake_quantize_per_channel_affine(column, s, zero_int, 0, qmin, qmax)
             error = errors[:, i]
             torch.sub(column, rounded, out=error)
             error.mul_(inv_diag[i])
             if i + 1 < width:
                 w_block[:, i + 1 :].addr_(error, h_block[i, i + 1 :], alpha=-1.0)
         # x·(1/s), not x/s: the rounding fake_quantize_per_channel_affine did, so codes match the errors spread.
-        codes[:, start:stop] = torch.round(w_block * (1.0 / s)[:, None]).add_(z[:, None]).clamp_(qmin, qmax)
+        if per_column:
+            inv_s, z_block = (1.0 / s[start:stop]).T, z[start:stop].T
+        else:
+            inv_s, z_block = (1.0 / s)[:, None], z[:, None]
+        codes[:, start:stop] = torch.round(w_block * inv_s).add_(z_block).clamp_(qmin, qmax)
         if stop < in_features:
             w[:, stop:].sub_(errors @ hinv[start:stop, stop:])
     return codes
