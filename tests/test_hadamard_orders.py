@@ -111,6 +111,12 @@ def test_doc_table_matches_the_code() -> None:
     )
 
 
+def test_doc_lists_the_first_multiples_of_4_without_a_construction() -> None:
+    gaps = [n for n in range(4, 240, 4) if not supported_hadamard_size(n)]
+    assert gaps == [92, 116, 156, 172, 184, 188, 232, 236]
+    assert "(" + ", ".join(map(str, gaps)) + ", ...:" in " ".join(DOC.read_text(encoding="utf-8").split())
+
+
 # --------------------------------------------------------------------------- constructions
 
 

@@ -11,7 +11,7 @@ Which factors a size gets (its *bases*, the ``mᵢ`` in increasing order):
 
 * a size that has a single base ``m ≤ LEGACY_MAX_BASE_ORDER`` (or none: a power
   of two) keeps the smallest such ``m``, the rule of earlier versions, so that
-  transforms saved by them rebuild bit for bit (576 = 36·16, 13824 = 108·128);
+  transforms saved by them rebuild the same matrix (576 = 36·16, 13824 = 108·128);
 * any other size gets the factorisation with the least work per element
   (``Σ mᵢ + k``: each base costs one dense ``mᵢ×mᵢ`` product per channel,
   the Sylvester part ``k`` butterfly stages), e.g. 11008 = 344·32 (Paley I over
@@ -104,11 +104,14 @@ def _least_work(n: int) -> tuple[int, tuple[int, ...]] | None:
     return best
 
 
-@lru_cache(maxsize=4096)
 def hadamard_bases(n: int) -> tuple[int, ...] | None:
     """The Paley base orders of ``hadamard_matrix(n)``, increasing (``()`` for a power of two); None if unsupported."""
-    if not _valid_size(n):
-        return None
+    # Validated outside the cache: lru_cache may treat 2.0 or True as the int they equal.
+    return _default_bases(n) if _valid_size(n) else None
+
+
+@lru_cache(maxsize=4096)
+def _default_bases(n: int) -> tuple[int, ...] | None:
     legacy = _legacy_bases(n)
     if legacy is not None:
         return legacy
