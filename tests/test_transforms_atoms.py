@@ -33,13 +33,7 @@ from quantcompose.transforms.hadamard_matrices import sylvester
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Single-threaded: these tests run many tiny ops that only pay thread sync overhead otherwise."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def gen(seed: int = 0) -> torch.Generator:

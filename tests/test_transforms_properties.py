@@ -54,14 +54,7 @@ ORTHOGONAL_KINDS = ["identity", "permutation", "rotation", "rotation_uniform", "
 KINDS = ORTHOGONAL_KINDS + ["scale", "scale"]  # scales twice: they are what breaks orthogonality
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Run this module single-threaded: its many tiny ops only pay thread sync overhead otherwise."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 # --------------------------------------------------------------------------- building atoms

@@ -7,11 +7,19 @@ See ``docs/architecture.md`` for the conventions (row vectors, ``A @ B`` applies
 from quantcompose.transforms.base import Transform
 from quantcompose.transforms.compose import Compose
 from quantcompose.transforms.hadamard import Hadamard, fwht
+from quantcompose.transforms.hadamard_fallback import (
+    hadamard_like,
+    hadamard_like_description,
+    largest_hadamard_divisor,
+)
 from quantcompose.transforms.hadamard_matrices import (
     MAX_BASE_ORDER,
     base_orders,
+    hadamard_bases,
+    hadamard_construction,
     hadamard_matrix,
     nearest_hadamard_sizes,
+    require_hadamard_size,
     supported_hadamard_size,
 )
 from quantcompose.transforms.identity import Identity
@@ -29,6 +37,12 @@ __all__ = [
     "Hadamard",
     "Compose",
     "hadamard_matrix",
+    "hadamard_bases",
+    "hadamard_construction",
+    "require_hadamard_size",
+    "hadamard_like",
+    "hadamard_like_description",
+    "largest_hadamard_divisor",
     "supported_hadamard_size",
     "nearest_hadamard_sizes",
     "base_orders",

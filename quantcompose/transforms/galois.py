@@ -3,8 +3,8 @@ character of GF(q), q = p^k, as a lookup table.
 
 Elements of GF(p^k) are polynomials over GF(p) modulo a monic irreducible
 polynomial of degree k, encoded as integers ``Σ cᵢ·pⁱ`` (so for k = 1 the code
-is the residue itself). Fields here are tiny (q ≤ a few hundred), so plain
-Python loops are fast enough and easy to check.
+is the residue itself). Fields here are small (q < 1024, the largest Paley
+base order), so plain Python loops are fast enough and easy to check.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import torch
 from quantcompose.errors import TransformError
 from quantcompose.transforms._util import as_float_tensor, format_indices
 from quantcompose.transforms.base import Transform, cast_like
-from quantcompose.transforms.hadamard_matrices import base_matrix_as, check_hadamard_size
+from quantcompose.transforms.hadamard_matrices import base_matrix_as, check_bases, check_hadamard_size
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:
@@ -37,16 +37,25 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
 class Hadamard(Transform):
     """The orthonormal map with matrix ``diag(signs)·H/√n`` (``Hᵀ·diag(signs)/√n`` when ``transposed``).
 
-    ``H = kron(H_m, H_{2^k})`` from :func:`hadamard_matrix`. ``forward`` views
-    the input as ``(..., m, 2^k)``: a butterfly over the ``2^k`` axis and, for
-    ``m > 1``, one small ``m×m`` matmul over the other. Paley matrices are not
-    symmetric, so ``inv`` / ``T`` is the ``transposed`` variant.
+    ``H = kron(H_{m₁}, …, H_{m_r}, H_{2^k})`` from :func:`hadamard_matrix`, with
+    the Paley ``bases`` ``mᵢ`` of :func:`hadamard_bases` unless given (a saved
+    transform keeps its own). ``forward`` views the input as
+    ``(..., m₁, …, m_r, 2^k)``: a butterfly over the ``2^k`` axis and one small
+    ``mᵢ×mᵢ`` product over each base axis, ``O(n·(Σ mᵢ + k))`` in all. Paley
+    matrices are not symmetric, so ``inv`` / ``T`` is the ``transposed`` variant.
     """
 
     signs: torch.Tensor | None
 
-    def __init__(self, size: int, signs: torch.Tensor | None = None, *, transposed: bool = False) -> None:
-        m, p = check_hadamard_size(size)
+    def __init__(
+        self,
+        size: int,
+        signs: torch.Tensor | None = None,
+        *,
+        transposed: bool = False,
+        bases: tuple[int, ...] | None = None,
+    ) -> None:
+        bases = check_hadamard_size(size) if bases is None else check_bases(size, tuple(bases))
         if signs is not None:
             s = as_float_tensor(signs, "Hadamard signs")
             if s.shape != (size,):
@@ -59,14 +68,21 @@ class Hadamard(Transform):
                     "or put other factors in a Scale."
                 )
             signs = s
-        self._init(size, signs, bool(transposed), m, p)
+        self._init(size, signs, bool(transposed), bases)
 
-    def _init(self, size: int, signs: torch.Tensor | None, transposed: bool, m: int, p: int) -> None:
+    def _init(self, size: int, signs: torch.Tensor | None, transposed: bool, bases: tuple[int, ...]) -> None:
         self.size = size
         self.signs = signs
         self.transposed = transposed
-        self._m, self._p = m, p
+        self.bases = bases
+        self._p = size // math.prod(bases)
         self._freeze()
+
+    def _like(self, signs: torch.Tensor | None, transposed: bool) -> "Hadamard":
+        """The same construction with other signs / orientation (already validated)."""
+        obj = Hadamard.__new__(Hadamard)
+        obj._init(self.size, signs, transposed, self.bases)
+        return obj
 
     @classmethod
     def random(
@@ -79,21 +95,26 @@ class Hadamard(Transform):
 
     @property
     def base_order(self) -> int:
-        """``m`` in ``size = m·2^k`` (1 for powers of two)."""
-        return self._m
+        """``m₁·…·m_r`` in ``size = m₁·…·m_r·2^k`` (1 for powers of two)."""
+        return math.prod(self.bases)
 
     def _apply_h(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ H`` (or ``x @ Hᵀ`` when transposed), unnormalized."""
-        m, p = self._m, self._p
-        if m == 1:
-            return fwht(x)
-        a = base_matrix_as(m, x.dtype, x.device)
-        if p == 1:
-            return x @ (a.T if self.transposed else a)
-        xs = fwht(x.reshape(*x.shape[:-1], m, p))
-        # x @ kron(A, B) views x as X (m×p) and returns Aᵀ·X·B; Hᵀ = kron(Aᵀ, B) gives A·X·B.
-        ys = (a if self.transposed else a.T) @ xs
-        return ys.reshape(x.shape)
+        p, n = self._p, self.size
+        y = fwht(x) if not self.bases else fwht(x.reshape(*x.shape[:-1], n // p, p))
+        rows = x.numel() // n  # explicit, not -1: an empty batch must reshape too
+        before = 1
+        for m in self.bases:
+            after = n // (before * m)
+            a = base_matrix_as(m, x.dtype, x.device)
+            if after == 1:
+                # The last base with no Sylvester part: a plain row-vector product.
+                y = y.reshape(rows * before, m) @ (a.T if self.transposed else a)
+            else:
+                # x @ kron(A, B) views x as X (m×after) and returns Aᵀ·X·B; Hᵀ = kron(Aᵀ, B) gives A·X·B.
+                y = (a if self.transposed else a.T) @ y.reshape(rows * before, m, after)
+            before *= m
+        return y.reshape(x.shape)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = 1.0 / math.sqrt(self.size)
@@ -105,9 +126,7 @@ class Hadamard(Transform):
 
     def _make_inverse(self) -> "Hadamard":
         # Orthonormal: inverse == transpose == the other orientation with the same signs.
-        obj = Hadamard.__new__(Hadamard)
-        obj._init(self.size, self.signs, not self.transposed, self._m, self._p)
-        return obj
+        return self._like(self.signs, not self.transposed)
 
     @property
     def is_orthogonal(self) -> bool:
@@ -119,19 +138,31 @@ class Hadamard(Transform):
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Hadamard":
         signs = None if self.signs is None else self.signs.to(device=device, dtype=dtype)
-        obj = Hadamard.__new__(Hadamard)
-        obj._init(self.size, signs, self.transposed, self._m, self._p)
-        return obj
+        return self._like(signs, self.transposed)
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"type": "Hadamard", "size": self.size, "transposed": self.transposed}
+        # The bases are stored so that a saved transform rebuilds the same matrix even if the
+        # default construction for its size changes.
+        state: dict[str, Any] = {
+            "type": "Hadamard",
+            "size": self.size,
+            "transposed": self.transposed,
+            "bases": list(self.bases),
+        }
         if self.signs is not None:
             state["signs"] = self.signs
         return state
 
     @classmethod
     def _from_state(cls, state: dict[str, Any]) -> "Hadamard":
-        return cls(int(state["size"]), state.get("signs"), transposed=bool(state.get("transposed", False)))
+        # States saved before "bases" existed used the legacy construction, which is the default for their sizes.
+        bases = state.get("bases")
+        return cls(
+            int(state["size"]),
+            state.get("signs"),
+            transposed=bool(state.get("transposed", False)),
+            bases=None if bases is None else tuple(int(m) for m in bases),
+        )
 
     def __repr__(self) -> str:
         parts = [f"size={self.size}"]
