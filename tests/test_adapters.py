@@ -33,6 +33,7 @@ from quantcompose.models import (
 )
 from quantcompose.models import registry as registry_module
 
+from realmodel import load_smollm2, requires_model
 from toymodel import TOY_ARCHS, tiny_model
 
 CASES = [(arch, tied, kv) for arch in TOY_ARCHS for tied in (True, False) for kv in (2, 4)]
@@ -240,22 +241,28 @@ def _random_factors(width: int, seed: int) -> torch.Tensor:
     return torch.exp(torch.empty(width).uniform_(-1.0, 1.0, generator=generator))
 
 
+def _scale_in_every_layer(model: nn.Module, name: str) -> bool:
+    """Scale place ``name`` of every layer by random factors; False when the adapter marks it ``"none"``."""
+    adapter = get_adapter(model)
+    for i, layer in enumerate(adapter.layers()):
+        place = {p.name: p for p in adapter.places(layer)}[name]
+        if place.absorbable == "none":
+            return False
+        assert place.absorbable == "diagonal", "no built-in place claims more than a diagonal"
+        _scale_place(layer, place, _random_factors(_place_width(adapter, name), seed=i))
+    return True
+
+
 @pytest.mark.parametrize(("arch", "tied", "kv"), CASES, ids=IDS)
 def test_every_absorbable_claim_is_exact(arch, tied, kv):
     base = tiny_model(arch, tied=tied, kv_heads=kv)
     before = _logits(base)
     checked = []
-    for index, place in enumerate(get_adapter(base).places(get_adapter(base).layers()[0])):
-        if place.absorbable == "none":
-            continue
-        assert place.absorbable == "diagonal", "no built-in place claims more than a diagonal"
+    for place in get_adapter(base).places(get_adapter(base).layers()[0]):
         model = copy.deepcopy(base)
-        adapter = get_adapter(model)
-        for i, layer in enumerate(adapter.layers()):
-            place_here = adapter.places(layer)[index]
-            _scale_place(layer, place_here, _random_factors(_place_width(adapter, place.name), seed=10 * i + index))
-        torch.testing.assert_close(_logits(model), before, rtol=RTOL, atol=ATOL, msg=lambda m: f"{place.name}: {m}")
-        checked.append(place.name)
+        if _scale_in_every_layer(model, place.name):
+            torch.testing.assert_close(_logits(model), before, rtol=RTOL, atol=ATOL, msg=lambda m: f"{place.name}: {m}")
+            checked.append(place.name)
     assert checked == (["attn_in", "attn_out", "mlp_in", "mlp_down"] if kv == 4 else ["attn_in", "mlp_in", "mlp_down"])
 
 
@@ -433,3 +440,24 @@ def test_a_broken_entry_point_is_a_clear_error(third_party, value, match):
     third_party(_entry_point("bad", value))
     with pytest.raises(AdapterRegistrationError, match=match):
         AdapterRegistry().supported_model_types()
+
+
+# --- the real model ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@requires_model
+def test_smollm2_facts_and_absorbable_claims():
+    real, _ = load_smollm2()
+    assert check_supported(real.config) is LlamaAdapter
+    model = copy.deepcopy(real)  # the loaded model is shared by the session
+    adapter = get_adapter(model)
+    assert (adapter.hidden_size, adapter.num_heads, adapter.num_kv_heads, adapter.head_dim) == (576, 9, 3, 64)
+    assert adapter.tied_embeddings() and len(adapter.layers()) == 30
+    tokens = torch.randint(0, real.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(tokens).logits
+        scaled = [name for name in ("attn_in", "attn_out", "mlp_in", "mlp_down") if _scale_in_every_layer(model, name)]
+        after = model(tokens).logits
+    assert scaled == ["attn_in", "mlp_in", "mlp_down"]  # grouped-query attention: attn_out is "none"
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=2e-3)
