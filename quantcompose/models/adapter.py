@@ -1,9 +1,15 @@
-"""What a model adapter tells the pipeline: the input places of a decoder layer."""
+"""What a model adapter tells the rest of the library about one architecture.
+
+An adapter is the one place that knows an architecture's module paths and
+its shape: the pipeline, the strategies and the model-scope rewrites ask it
+instead of matching module names or reading the config themselves.
+"""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from torch import nn
 
@@ -20,7 +26,14 @@ class InputPlace:
     ``prev`` is the module (path inside the layer) that produces the
     activation and can absorb a transform exactly: a norm absorbs a diagonal
     scale in its weight; a linear absorbs a transform on its output side.
-    ``absorbable`` says how much of a transform ``prev`` can take.
+    ``absorbable`` says how much of a transform ``prev`` can take. ``group``
+    is the sub-block the place belongs to (``"attention"`` or ``"mlp"``),
+    the unit of true-sequential calibration. When ``prev`` is a fused linear,
+    ``prev_rows`` are the rows of its output that *are* this activation;
+    ``None`` means its whole output.
+
+    ``group`` defaults to ``""`` (no sub-block stated) only so that places
+    written before it existed still construct; every built-in adapter states it.
     """
 
     name: str
@@ -28,8 +41,8 @@ class InputPlace:
     prev: str | None
     prev_kind: PrevKind
     absorbable: Absorbable
-    group: str = ""  # the sub-block ("attention", "mlp"): true-sequential calibration follows it
-    prev_rows: RowRange | None = None  # rows of a fused prev linear's output that are this activation
+    group: str = ""
+    prev_rows: RowRange | None = None
 
 
 @dataclass(frozen=True)
@@ -42,10 +55,10 @@ class ResidualReader:
 
 @dataclass(frozen=True)
 class OutputSlice:
-    """The rows of a linear's output that hold one quantity (K, V), or all of it."""
+    """Some rows of a linear's output: ``rows=None`` is the whole output."""
 
     linear: str
-    rows: RowRange | None = None
+    rows: RowRange | None
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
@@ -58,8 +71,15 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-class ModelAdapter:
-    """Base class: how the pipeline reaches into one architecture."""
+class ModelAdapter(ABC):
+    """How the library reaches into one architecture of causal language model.
+
+    A subclass lists the ``config.model_type`` values it handles in
+    ``model_types`` and implements the abstract methods; the parts common to
+    every transformers causal LM (embeddings, LM head, the config's sizes)
+    live here. Paths returned by the per-layer methods are relative to the
+    decoder layer, as ``layer.get_submodule`` takes them.
+    """
 
     #: ``config.model_type`` values this adapter handles
     model_types: tuple[str, ...] = ()
@@ -67,56 +87,86 @@ class ModelAdapter:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
-    def layers(self) -> nn.ModuleList:
-        raise NotImplementedError
+    # --- the model's sizes: read from the config here and nowhere else -----------------
 
-    def places(self, layer: nn.Module) -> list[InputPlace]:
-        raise NotImplementedError
-
-    # -- model-wide facts (model scope) ------------------------------------------------
-    def embedding(self) -> nn.Embedding:
-        raise NotImplementedError
-
-    def final_norm(self) -> nn.Module:
-        raise NotImplementedError
-
-    def lm_head(self) -> nn.Linear:
-        raise NotImplementedError
+    @property
+    def config(self) -> Any:
+        return self.model.config
 
     @property
     def hidden_size(self) -> int:
-        return int(self.model.config.hidden_size)
+        return int(self.config.hidden_size)
 
     @property
     def num_heads(self) -> int:
-        return int(self.model.config.num_attention_heads)
+        return int(self.config.num_attention_heads)
 
     @property
     def num_kv_heads(self) -> int:
-        return int(getattr(self.model.config, "num_key_value_heads", None) or self.num_heads)
+        # configs older than grouped-query attention have no such field: one kv head per head
+        return int(getattr(self.config, "num_key_value_heads", None) or self.num_heads)
 
     @property
     def head_dim(self) -> int:
-        return int(getattr(self.model.config, "head_dim", None) or self.hidden_size // self.num_heads)
+        return int(getattr(self.config, "head_dim", None) or self.hidden_size // self.num_heads)
 
-    def residual_readers(self, layer: nn.Module) -> tuple[ResidualReader, ...]:
-        raise NotImplementedError
+    @property
+    def intermediate_size(self) -> int:
+        """Width of the MLP's hidden activation (the input of its down projection)."""
+        return int(self.config.intermediate_size)
 
-    def residual_writers(self, layer: nn.Module) -> tuple[str, ...]:
-        raise NotImplementedError
+    # --- whole-model parts ---------------------------------------------------------------
 
-    def attention(self, layer: nn.Module) -> nn.Module:
-        raise NotImplementedError
+    def embedding(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
 
-    def kv_outputs(self, layer: nn.Module) -> dict[str, OutputSlice]:
-        raise NotImplementedError
+    def lm_head(self) -> nn.Linear:
+        return self.model.get_output_embeddings()
 
     def tied_embeddings(self) -> bool:
+        """True when the LM head's weight is the embedding's parameter itself."""
         return self.lm_head().weight is self.embedding().weight
 
     def untie_embeddings(self) -> None:
-        """Give the LM head its own copy of the embedding matrix (exact)."""
-        head = self.lm_head()
+        """Give the LM head its own copy of the embedding weight (exact; a no-op when untied).
+
+        Model-scope rewrites that fold a transform into the head but not into
+        the embedding (or the other way round) need the two to be separate.
+        """
         if self.tied_embeddings():
-            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-        self.model.config.tie_word_embeddings = False
+            head = self.lm_head()
+            weight = self.embedding().weight
+            head.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        # transformers re-ties on tie_weights() / load unless the config says not to
+        self.config.tie_word_embeddings = False
+
+    @abstractmethod
+    def layers(self) -> nn.ModuleList:
+        """The decoder layers, in order."""
+
+    @abstractmethod
+    def final_norm(self) -> nn.Module:
+        """The norm between the last decoder layer and the LM head."""
+
+    # --- per decoder layer ---------------------------------------------------------------
+
+    @abstractmethod
+    def places(self, layer: nn.Module) -> list[InputPlace]:
+        """The layer's input places, in execution order."""
+
+    @abstractmethod
+    def residual_readers(self, layer: nn.Module) -> tuple[ResidualReader, ...]:
+        """Each norm on the residual stream with the linears that read its output."""
+
+    @abstractmethod
+    def residual_writers(self, layer: nn.Module) -> tuple[str, ...]:
+        """The linears whose outputs are added to the residual stream."""
+
+    @abstractmethod
+    def attention(self, layer: nn.Module) -> nn.Module:
+        """The attention module (what transformers' attention interface receives as ``module``)."""
+
+    @abstractmethod
+    def kv_outputs(self, layer: nn.Module) -> dict[str, OutputSlice]:
+        """Where the keys (``"k"``) and values (``"v"``) come from, before RoPE and the cache."""
+
