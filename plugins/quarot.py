@@ -14,8 +14,9 @@ Ashkboos et al., "QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs"
   across-heads mix ``H_heads ⊗ I_d`` (with ``H_d`` folded, the two make a
   full ``H_heads ⊗ H_d`` rotation of o_proj's input).
 
-A number of heads with no Hadamard matrix (9 in SmolLM2-135M) gets a seeded
-random orthogonal mix instead, the documented fallback.
+A width with no Hadamard matrix (9 heads in SmolLM2-135M) gets the
+documented fallback of :func:`~quantcompose.transforms.hadamard_like`: a
+block Hadamard, or a seeded random orthogonal mix where no block fits.
 
 ``quarot-online`` is the earlier stand-in, kept as an ablation: no model
 scope, a randomized Hadamard online at every input place.
@@ -32,16 +33,19 @@ from quantcompose.hookspecs import hookimpl
 from quantcompose.model_scope import seeded_generator
 from quantcompose.options import Option
 from quantcompose.strategy import ModelFacts, ModelPlan, Plan, PlaceStats, QuantSettings, Strategy, clip_options
-from quantcompose.transforms import BlockRotation, Compose, Hadamard, Identity, Permutation, Transform
-from quantcompose.transforms import random_orthogonal, supported_hadamard_size
+from quantcompose.transforms import BlockRotation, Compose, Identity, Permutation, Transform, hadamard_like
 
 
 def rotation(size: int, seed: int, *salt: object, random_signs: bool = True) -> Transform:
-    """A (randomized) Hadamard of ``size``, or a seeded random orthogonal block where none exists."""
-    generator = seeded_generator(seed, *salt)
-    if supported_hadamard_size(size):
-        return Hadamard.random(size, generator) if random_signs else Hadamard(size)
-    return BlockRotation([random_orthogonal(size, generator)])
+    """A (randomized) Hadamard of ``size``, or the documented fallback where no Hadamard matrix exists.
+
+    The fallback (:func:`~quantcompose.transforms.hadamard_like`, ``"block"``)
+    is a block-diagonal Hadamard of the largest supported size dividing
+    ``size``, or a seeded random orthogonal block when none above 1 does
+    (9 heads). ``salt`` names the draw, so each place gets its own signs.
+    """
+    generator = seeded_generator(seed, *salt) if random_signs else None
+    return hadamard_like(size, generator=generator, fallback="block")
 
 
 def across_heads(num_heads: int, head_dim: int, mix: Transform) -> Transform:

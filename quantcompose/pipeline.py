@@ -317,7 +317,8 @@ def _quantize_group(job: LayerJob, places: list[InputPlace], layer_scope: bool) 
             plans={p.name: plan for p, plan in zip(places, fitted)},
             model=job.facts,
         )
-        refined = job.strategy.fit_layer(context, job.options, job.settings)
+        with torch.enable_grad():  # the layer scope may train (the rest of the pipeline runs without grad)
+            refined = job.strategy.fit_layer(context, job.options, job.settings)
         if refined is not None:
             unknown = sorted(set(refined) - {p.name for p in places})
             if unknown:

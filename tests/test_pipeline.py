@@ -15,7 +15,7 @@ from quantcompose.qlinear import QuantLinear
 from quantcompose.strategy import Plan, QuantSettings, Strategy
 from quantcompose.transforms import BlockRotation, Compose, Permutation, Scale
 
-from toymodel import tiny_llama
+from toymodel import TOY_ARCHS, tiny_llama, tiny_model
 
 
 class RandomComposition(Strategy):
@@ -240,3 +240,46 @@ def test_every_installed_strategy_folds_exactly_on_a_toy_llama(method, residual_
     settings = QuantSettings(wbits=16, abits=16, residual_rotation=residual_rotation)
     quantize_model(model, torch.randint(0, 128, (3, 16)), method, settings, options, progress=False)
     torch.testing.assert_close(_logits(model, tokens), before, **_fold_tolerance(method, settings))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("arch", TOY_ARCHS)
+@pytest.mark.parametrize("method", sorted(StrategyManager().strategies()))
+def test_every_strategy_is_exact_on_every_toy_architecture(method, arch, tied):
+    """Llama, Mistral, Qwen2 (q/k/v biases), Phi-3 (fused qkv and gate_up), tied and untied, GQA."""
+    model = tiny_model(arch, tied=tied, kv_heads=2).double()
+    tokens = torch.randint(0, 128, (2, 20))
+    before = _logits(model, tokens)
+    options = {"block_size": 32, "steps": 2} if method == "duquant" else {}
+    settings = QuantSettings(wbits=16, abits=16)
+    quantize_model(model, torch.randint(0, 128, (2, 16)), method, settings, options, progress=False)
+    torch.testing.assert_close(_logits(model, tokens), before, **_fold_tolerance(method, settings))
+
+
+def test_per_group_gptq_in_the_pipeline_is_gptq():
+    """Group size 16 with GPTQ gives other codes than rounding to nearest, and less error on its data.
+
+    Layer 0's q_proj sees the same calibration inputs in both runs, and GPTQ
+    minimises exactly ``‖X(W − Q)ᵀ‖`` on them, so it must do better there.
+    """
+    calib = torch.randint(0, 128, (4, 16))
+    reference = tiny_llama()
+    seen = []
+    hook = reference.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    _logits(reference, calib)
+    hook.remove()
+    x = torch.cat(seen).reshape(-1, 96)
+    w = reference.model.layers[0].self_attn.q_proj.weight.detach()
+    errors, codes = {}, {}
+    for quantizer in ("rtn", "gptq"):
+        model = tiny_llama()
+        settings = QuantSettings(wbits=3, abits=16, weight_group_size=16, weight_quantizer=quantizer,
+                                 weight_clip_search=False)
+        quantize_model(model, calib, "rtn", settings, progress=False)
+        q_proj = model.model.layers[0].self_attn.q_proj
+        assert q_proj.weight_spec.granularity == "group" and q_proj.weight_spec.group_size == 16
+        assert q_proj.weight_scale.shape == (q_proj.out_features, q_proj.in_features // 16, 1)
+        codes[quantizer] = q_proj.weight_codes.clone()
+        errors[quantizer] = float((x @ (w - q_proj.dequantized_weight()).T).norm())
+    assert not torch.equal(codes["rtn"], codes["gptq"])
+    assert errors["gptq"] < 0.9 * errors["rtn"], errors
