@@ -242,9 +242,10 @@ def _register(original: str) -> str:
     """Register the wrapper of ``original`` and its mask function; returns the wrapper's name."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     name = quantized_implementation_name(original)
-    if name not in AttentionInterface._global_mapping:
+    if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, _make_attention_function(original))
     # The causal mask is built for config._attn_implementation; an unknown name gets no mask at all.
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])

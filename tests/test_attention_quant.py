@@ -289,8 +289,8 @@ def test_smollm2_rotation_exact_and_8bit_qkv_close() -> None:
         q8_ppl = perplexity(model, tokens, seqlen=512, max_windows=2, progress=False)
     finally:
         remove_attention_quantization(model)
-    # 30 layers in float32: rounding of the rotated matmuls accumulates, but stays far below a token flip.
-    torch.testing.assert_close(rotated, before, rtol=0, atol=1e-3)
+    # float32 rounding of the rotated matmuls accumulates over 30 layers: measured 6.3e-5.
+    torch.testing.assert_close(rotated, before, rtol=0, atol=5e-4)
     assert torch.equal(rotated.argmax(-1), before.argmax(-1))
     assert abs(q8_ppl / fp_ppl - 1) < 0.01
     assert torch.equal(_logits(model, ids), before)
