@@ -47,10 +47,12 @@ SETTING_FIELDS = {f.name for f in dataclasses.fields(QuantSettings)}
 
 
 def _setting_value(key: str, text: str):
+    from quantcompose.options import parse_bool
+
     default = getattr(QuantSettings(), key)
     if isinstance(default, bool):
-        return text.strip().lower() in ("1", "true", "yes", "on")
-    if isinstance(default, int) or key == "kv_bits":
+        return parse_bool(text)
+    if isinstance(default, int) or key in ("qkv_bits", "weight_group_size"):
         return None if text.lower() == "none" else int(text)
     return text
 
@@ -103,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)
-    pristine = copy.deepcopy(model.state_dict())
     eval_tokens = load_wikitext2_test(tokenizer, args.eval_data)
     calib = calibration_tokens(args.calib, tokenizer, nsamples=args.nsamples, seqlen=args.calib_seqlen, seed=args.seed)
     manager = get_plugin_manager()
@@ -114,31 +115,33 @@ def main(argv: list[str] | None = None) -> int:
           f"{'search' if args.act_clip_search else 'static'}; torch threads={torch.get_num_threads()}")
     start = time.perf_counter()
     fp = perplexity(model, eval_tokens, seqlen=args.seqlen, max_windows=args.max_windows, progress=False)
-    print(f"{'setting':44s} {'bits':8s} {'ppl':>9s} {'x fp':>7s} {'quant s':>8s}", flush=True)
+    print(f"{'setting':44s} {'bits':8s} {'ppl':>9s} {'x fp':>7s} {'quant s':>8s}  online/layer", flush=True)
     print(f"{'full precision':44s} {'W16A16':8s} {fp:9.2f} {1.0:7.3f} {'-':>8s}   (eval {time.perf_counter() - start:.0f} s)",
           flush=True)
 
     for row in rows:
         label, method, wbits, abits, options, overrides = parse_row(row, user_options)
-        fresh = float_copy(model, pristine)
+        fresh = copy.deepcopy(model)  # quantization replaces linears in place
         settings = QuantSettings(**{
             "wbits": wbits, "abits": abits, "seed": args.seed, "weight_quantizer": args.weight_quantizer,
             "weight_clip_search": not args.no_clip_search, "act_clip_search": args.act_clip_search, **overrides,
         })
-        resolved = manager.info(method).resolve_options(options)
+        resolved = manager.resolve(method, options, settings)
         report = quantize_model(fresh, calib, method, settings, resolved, manager=manager, progress=False)
         ppl = perplexity(fresh, eval_tokens, seqlen=args.seqlen, max_windows=args.max_windows, progress=False)
-        print(f"{label:44s} {f'W{wbits}A{abits}':8s} {ppl:9.2f} {ppl / fp:7.3f} {report.seconds:8.1f}", flush=True)
+        qkv = "" if settings.effective_qkv_bits >= 16 else f"QKV{settings.effective_qkv_bits}"
+        print(f"{label:44s} {f'W{wbits}A{abits}{qkv}':8s} {ppl:9.2f} {ppl / fp:7.3f} {report.seconds:8.1f}  "
+              f"{online_per_layer(report)}", flush=True)
     return 0
 
 
-def float_copy(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A fresh float model with ``state``: quantization replaces linears in place."""
-    from transformers import AutoModelForCausalLM
-
-    fresh = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
-    fresh.load_state_dict(state)
-    return fresh.eval()
+def online_per_layer(report) -> str:
+    """Online transforms per layer: which places run one at inference, and Q/K's rotation if any."""
+    layers = {p["layer"] for p in report.places}
+    online = sorted({p["place"] for p in report.places if p["online"] != "-"})
+    count = sum(1 for p in report.places if p["online"] != "-") / max(len(layers), 1)
+    qk = report.attention is not None and "rotation none" not in report.attention
+    return f"{count:g} ({', '.join(online) or 'none'}){' + Q/K' if qk else ''}"
 
 
 if __name__ == "__main__":

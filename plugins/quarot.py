@@ -12,7 +12,10 @@ Ashkboos et al., "QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs"
   rotation already spread their outliers); an online randomized Hadamard of
   the MLP width before ``down_proj``; before ``o_proj`` the small
   across-heads mix ``H_heads ⊗ I_d`` (with ``H_d`` folded, the two make a
-  full ``H_heads ⊗ H_d`` rotation of o_proj's input).
+  full ``H_heads ⊗ H_d`` rotation of o_proj's input);
+* inside attention, when Q/K/V are quantized: an online randomized Hadamard
+  of the head size on queries and keys after RoPE, so the K cache is
+  quantized in a rotated basis (Q·Kᵀ is unchanged).
 
 A width with no Hadamard matrix (9 heads in SmolLM2-135M) gets the
 documented fallback of :func:`~quantcompose.transforms.hadamard_like`: a
@@ -81,6 +84,8 @@ class QuaRot(Strategy):
             fuse_norms=True,
             residual=rotation(model.hidden_size, settings.seed, "residual", random_signs=signs),
             value_head=rotation(model.head_dim, settings.seed, "value-head", random_signs=signs),
+            # Online after RoPE, used when Q/K/V are quantized (the KV cache's Hadamard).
+            qk_rotation=rotation(model.head_dim, settings.seed, "query-key", random_signs=signs),
         )
 
     def plan(self, stats: PlaceStats, options: dict[str, Any], settings: QuantSettings) -> Plan:

@@ -127,6 +127,12 @@ class AttentionQuantizer:
         spec = QuantSpec(bits, symmetric, "token", None, clip_ratio)
         return cls(spec, spec, spec, qk_rotation)
 
+    def describe(self) -> str:
+        """One line for reports: the specs and the rotation."""
+        specs = ", ".join(f"{n}={s}" for n, s in (("Q", self.q_spec), ("K", self.k_spec), ("V", self.v_spec)) if s)
+        rotation = "none" if self.qk_rotation is None else type(self.qk_rotation).__name__
+        return f"{specs or 'float'}; Q/K rotation {rotation}"
+
     @property
     def is_identity(self) -> bool:
         """True when applying it changes nothing (no specs, no rotation)."""
@@ -362,6 +368,31 @@ def install_attention_quantization(
     for i, quantizer in per_module.items():
         setattr(modules[i], _QUANTIZER_ATTR, quantizer)
     setattr(model, _STATE_ATTR, _Installed(modules, originals))
+
+
+def installed_attention_modules(model: nn.Module) -> list[nn.Module] | None:
+    """The attention modules an installation covers, in layer order, or None when none is installed."""
+    state: _Installed | None = getattr(model, _STATE_ATTR, None)
+    return None if state is None else list(state.modules)
+
+
+def set_attention_quantizer(attention: nn.Module, quantizer: AttentionQuantizer | None) -> None:
+    """Put ``quantizer`` on (or, with None, take it off) one attention module of an installed model.
+
+    The module's config must already use a wrapper (see :func:`install_attention_quantization`);
+    the pipeline installs once with no quantizers and sets each layer's as it quantizes it.
+    """
+    if not getattr(getattr(attention, "config", None), "_attn_implementation", "").startswith(_NAME_PREFIX):
+        raise AttentionQuantizationError(
+            "this attention module does not run a quantcompose wrapper: call install_attention_quantization first."
+        )
+    if quantizer is None:
+        if hasattr(attention, _QUANTIZER_ATTR):
+            delattr(attention, _QUANTIZER_ATTR)
+        return
+    if not isinstance(quantizer, AttentionQuantizer):
+        raise AttentionQuantizationError(f"expected an AttentionQuantizer, got {type(quantizer).__name__}.")
+    setattr(attention, _QUANTIZER_ATTR, quantizer)
 
 
 def remove_attention_quantization(model: nn.Module) -> bool:

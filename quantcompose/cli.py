@@ -59,7 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=defaults.true_sequential,
                    help="calibrate each layer's MLP on the output of its already quantized attention "
                         "(slower; default: %(default)s)")
-    q.add_argument("--kv-bits", type=int, default=None, help="also quantize the K/V cache to this many bits")
+    q.add_argument("--qkv-bits", "--kv-bits", dest="qkv_bits", type=int, default=None,
+                   help="bits of attention's Q and K (after RoPE) and V, per token and head, the KV cache among "
+                        "them (default: the activation bits, as the papers quantize all activations; "
+                        "16 keeps them in float)")
+    q.add_argument("--residual-rotation", action=argparse.BooleanOptionalAction, default=defaults.residual_rotation,
+                   help="rotate the residual stream with a randomized Hadamard (fused norms) before the "
+                        "method's own transforms, as QuaRot does (default: %(default)s)")
     q.add_argument("--calib", default="random-zipf",
                    help="calibration data: 'random-zipf' (default: random tokens with a Zipf prior over token ids), "
                         "'random' (uniform random tokens), a text file path, or 'wikitext2' (datasets)")
@@ -124,14 +130,19 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     settings = QuantSettings(
         wbits=args.wbits, abits=args.abits, weight_symmetric=args.weight_sym, act_symmetric=args.act_sym,
-        weight_group_size=args.group_size, kv_bits=args.kv_bits, seed=args.seed,
+        weight_group_size=args.group_size, qkv_bits=args.qkv_bits, seed=args.seed,
         weight_clip_search=not args.no_clip_search, weight_quantizer=args.weight_quantizer,
         act_clip_search=args.act_clip_search, true_sequential=args.true_sequential,
+        residual_rotation=args.residual_rotation,
     )
     manager = get_plugin_manager()
-    options = manager.info(args.method).resolve_options(_parse_options(args.opt))
+    # Options are checked against the settings before anything is loaded.
+    options = manager.resolve(args.method, _parse_options(args.opt), settings)
     torch.manual_seed(args.seed)
     model, tokenizer = _load(args.model)
+    from quantcompose.models import get_adapter
+
+    get_adapter(model)  # an architecture with no adapter fails before any evaluation or calibration
     eval_tokens = _eval_tokens(args, tokenizer)
     rows: list[tuple[str, str, str]] = []
     progress = not args.quiet
@@ -140,7 +151,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         rows.append(("full precision", "W16A16", f"{ppl:.2f}"))
     calib = calibration_tokens(args.calib, tokenizer, nsamples=args.nsamples, seqlen=args.calib_seqlen, seed=args.seed)
     report = quantize_model(model, calib, args.method, settings, options, manager=manager, progress=progress)
-    bits = f"W{args.wbits}A{args.abits}" + (f"KV{args.kv_bits}" if args.kv_bits else "")
+    bits = f"W{args.wbits}A{args.abits}" + ("" if args.qkv_bits is None else f"QKV{args.qkv_bits}")
     if eval_tokens is not None:
         ppl = perplexity(model, eval_tokens, seqlen=args.seqlen, max_windows=args.max_windows, progress=progress)
         rows.append((args.method, bits, f"{ppl:.2f}"))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quantcompose.attention_quant import AttentionQuantizer, install_attention_quantization, set_attention_quantizer
 from quantcompose.errors import CalibrationError
 from quantcompose.model_scope import apply_model_plan, model_facts, residual_hadamard_plan
 from quantcompose.models import InputPlace, ModelAdapter, get_adapter, get_submodule, set_submodule
@@ -40,6 +41,7 @@ class QuantizationReport:
     seconds: float = 0.0
     places: list[dict[str, Any]] = field(default_factory=list)
     model_plan: dict[str, Any] | None = None  # what the model scope rewrote, if anything
+    attention: str | None = None  # how Q/K/V are quantized, if they are
 
 
 #: Calibration rows scoring each activation clip ratio (a strided subsample).
@@ -192,8 +194,9 @@ class LayerJob:
     sample_rows: int = 2048
     workers: int = 1
     facts: ModelFacts | None = None
-    #: Linears (paths inside the layer) whose output is fake-quantized, e.g. the K/V cache.
-    output_specs: dict[str, QuantSpec] = field(default_factory=dict)
+    #: Q/K/V quantization of this layer's attention, switched on once its attention is quantized.
+    attention_quantizer: AttentionQuantizer | None = None
+    attention: nn.Module | None = None
 
 
 def quantize_layer(job: LayerJob) -> list[dict[str, Any]]:
@@ -211,8 +214,12 @@ def quantize_layer(job: LayerJob) -> list[dict[str, Any]]:
         )
     groups = sequential_groups(job.places) if job.settings.true_sequential else [list(job.places)]
     summary: list[dict[str, Any]] = []
-    for group in groups:
+    for i, group in enumerate(groups):
         summary += _quantize_group(job, group, layer_scope)
+        if i == 0 and job.attention_quantizer is not None:
+            # From here on the layer runs with quantized Q/K/V: a later group
+            # (the MLP under true-sequential) and the next layer calibrate on that.
+            set_attention_quantizer(job.attention, job.attention_quantizer)
     return summary
 
 
@@ -450,7 +457,6 @@ def _quantize_place(
             transform=online,
             act_spec=act_spec,
             weight_spec=spec,
-            output_spec=job.output_specs.get(name),
             quantized_weight=q,
         ).to(linear.weight.device)
         module.shared_input = shared
@@ -541,9 +547,11 @@ def quantize_model(
         apply_model_plan(adapter, plan)
         report.model_plan = _describe_model_plan(plan)
     layers = adapter.layers()
-    kv_spec = None
-    if settings.kv_bits is not None:
-        kv_spec = QuantSpec(settings.kv_bits, False, "group", facts.head_dim)
+    attention_quantizer = _attention_quantizer(settings, plan)
+    if attention_quantizer is not None:
+        # Switch the attention implementation now; each layer's quantizer goes on as it is quantized.
+        install_attention_quantization(model, {}, layers=[adapter.attention(layer) for layer in layers])
+        report.attention = attention_quantizer.describe()
 
     with torch.no_grad():
         inputs = capture_first_layer_inputs(model, layers, calib_tokens, batch_size)
@@ -551,15 +559,6 @@ def quantize_model(
             layer = layers[index]
             for hidden, _ in inputs:
                 _check_finite(hidden, f"the input of layer {index}")
-            output_specs: dict[str, QuantSpec] = {}
-            if kv_spec is not None:
-                for part in adapter.kv_outputs(layer).values():
-                    if part.rows is not None:
-                        raise CalibrationError(
-                            f"--kv-bits quantizes whole linear outputs; layer {index}'s K/V come from rows "
-                            f"{part.rows} of the fused {part.linear!r}, which this option cannot quantize."
-                        )
-                    output_specs[part.linear] = kv_spec
             job = LayerJob(
                 layer=layer,
                 index=index,
@@ -573,7 +572,8 @@ def quantize_model(
                 sample_rows=sample_rows,
                 workers=workers,
                 facts=facts,
-                output_specs=output_specs,
+                attention_quantizer=attention_quantizer,
+                attention=adapter.attention(layer),
             )
             report.places += quantize_layer(job)
             inputs = [(_layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
@@ -584,6 +584,15 @@ def quantize_model(
     return report
 
 
+def _attention_quantizer(settings: QuantSettings, plan: ModelPlan | None) -> AttentionQuantizer | None:
+    """Q/K/V quantizers from the settings, with the model plan's online Q/K rotation."""
+    spec = settings.qkv_spec()
+    if spec is None:
+        return None
+    rotation = None if plan is None else plan.qk_rotation
+    return AttentionQuantizer(q_spec=spec, k_spec=spec, v_spec=spec, qk_rotation=rotation)
+
+
 def _describe_model_plan(plan: ModelPlan) -> dict[str, Any]:
     def name(t: Transform | None) -> str:
         return "-" if t is None else f"{type(t).__name__}({t.size})"
@@ -592,6 +601,7 @@ def _describe_model_plan(plan: ModelPlan) -> dict[str, Any]:
         "fuse_norms": plan.fuse_norms,
         "residual": name(plan.residual),
         "value_head": name(plan.value_head),
+        "qk_rotation": name(plan.qk_rotation),
         **plan.notes,
     }
 

@@ -78,11 +78,14 @@ def save_quantized(
             "output_spec": _spec(module.output_spec),
             "transform": transform,
         }
+    attention, attention_tensors = attention_state(model)
+    transform_tensors.update(attention_tensors)
     config = {
         "format_version": FORMAT_VERSION,
         "model_class": type(model).__name__,
         "model_config": model.config.to_dict(),
         "quantized_layers": layers,
+        "attention": attention,
         "metadata": metadata or {},
     }
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -99,6 +102,38 @@ def save_quantized(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory_size(target)
+
+
+def attention_state(model: nn.Module) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor]]:
+    """The Q/K/V quantizers of each layer's attention, as JSON config and tensors (None: not installed)."""
+    from quantcompose.attention_quant import attention_quantizer_of, installed_attention_modules
+
+    modules = installed_attention_modules(model)
+    if modules is None:
+        return None, {}
+    config: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for index, module in enumerate(modules):
+        quantizer = attention_quantizer_of(module)
+        if quantizer is None:
+            continue
+        state, flat = flatten_state(quantizer.to_dict(), prefix=f"attention.{index}.")
+        config[str(index)] = state
+        tensors.update({k: v.detach().cpu().contiguous() for k, v in flat.items()})
+    return {"layers": config}, tensors
+
+
+def restore_attention(model: nn.Module, config: dict[str, Any] | None, tensors: dict[str, torch.Tensor]) -> None:
+    """Install the saved Q/K/V quantizers (see :func:`attention_state`)."""
+    if config is None:
+        return
+    from quantcompose.attention_quant import AttentionQuantizer, install_attention_quantization
+
+    quantizers = {
+        int(index): AttentionQuantizer.from_dict(unflatten_state(state, tensors))
+        for index, state in config["layers"].items()
+    }
+    install_attention_quantization(model, quantizers)
 
 
 def directory_size(path: str | os.PathLike) -> int:
@@ -140,6 +175,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
         )
         set_submodule(model, name, module)
     load_model(model, str(source / WEIGHTS_NAME), strict=True)
+    restore_attention(model, config.get("attention"), transform_tensors)
     model.eval().to(device)
     tokenizer = None
     if (source / "tokenizer_config.json").is_file():

@@ -29,7 +29,11 @@ class QuantSettings:
     weight_symmetric: bool = False
     act_symmetric: bool = False
     weight_group_size: int | None = None
-    kv_bits: int | None = None  # quantize the K/V cache to this width (None: keep float)
+    # Bits of the attention matmuls' inputs: Q and K after RoPE, and V, per
+    # token and head (the KV cache among them). None: the activation bits, as
+    # the DuQuant and QuaRot papers quantize "all activations"; 16: float (the
+    # lighter setting that quantizes only the linears' inputs).
+    qkv_bits: int | None = None
     seed: int = 0
     # Per-row weight clipping picked by an activation-weighted error search
     # (quant/clip_search.py). The search owns the weight clip ratio: a strategy
@@ -82,8 +86,14 @@ class QuantSettings:
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (0 <= self.seed < 2**63):
             raise QuantSpecError(f"seed={self.seed!r} must be an integer in [0, 2**63).")
-        if self.kv_bits is not None and not (2 <= self.kv_bits <= 8):
-            raise QuantSpecError(f"kv_bits={self.kv_bits!r} is out of range: use 2..8 or leave it unset.")
+        if self.qkv_bits is not None and (
+            isinstance(self.qkv_bits, bool) or not isinstance(self.qkv_bits, int)
+            or not (2 <= self.qkv_bits <= 8 or self.qkv_bits == 16)
+        ):
+            raise QuantSpecError(
+                f"qkv_bits={self.qkv_bits!r} is out of range: use 2..8, 16 for float Q/K/V, "
+                "or leave it unset to follow the activation bits."
+            )
 
     def weight_spec(self, clip_ratio: float = 1.0) -> QuantSpec | None:
         """The per-channel (or per-group) weight quantizer, or None at 16 bits."""
@@ -92,6 +102,17 @@ class QuantSettings:
         if self.weight_group_size:
             return QuantSpec(self.wbits, self.weight_symmetric, "group", self.weight_group_size, clip_ratio)
         return QuantSpec(self.wbits, self.weight_symmetric, "channel", None, clip_ratio)
+
+    @property
+    def effective_qkv_bits(self) -> int:
+        """The bits Q, K and V are quantized to (16: left in float)."""
+        return self.abits if self.qkv_bits is None else self.qkv_bits
+
+    def qkv_spec(self) -> QuantSpec | None:
+        """The per-token-and-head quantizer of Q, K and V, or None when they stay in float."""
+        if self.effective_qkv_bits >= 16:
+            return None
+        return QuantSpec(self.effective_qkv_bits, self.act_symmetric, "token", None, 1.0)
 
     def act_spec(self, clip_ratio: float = 1.0) -> QuantSpec | None:
         """The per-token activation quantizer, or None at 16 bits."""
@@ -173,11 +194,16 @@ class ModelPlan:
     * ``value_head``: a ``head_dim``-wide transform folded into each value
       head's output rows and each query head's block of ``o_proj``'s input,
       exact under grouped-query attention because every head shares it.
+    * ``qk_rotation``: see below; the only part that runs online.
     """
 
     fuse_norms: bool = False
     residual: Transform | None = None
     value_head: Transform | None = None
+    # Online, inside attention: an orthogonal head_dim-wide map on Q and K
+    # after RoPE (Q·Kᵀ is unchanged) before they are quantized. QuaRot's
+    # Hadamard for the KV cache; used only when Q/K/V are quantized.
+    qk_rotation: Transform | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 
 

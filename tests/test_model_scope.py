@@ -69,7 +69,9 @@ def test_quarot_runs_online_transforms_only_before_down_proj_and_o_proj():
     model = tiny_llama(kv_heads=2)
     report = quantize_model(model, torch.randint(0, 128, (2, 16)), "quarot", QuantSettings(wbits=4, abits=4),
                             progress=False)
-    assert report.model_plan == {"fuse_norms": True, "residual": "Hadamard(96)", "value_head": "Hadamard(24)"}
+    assert report.model_plan == {
+        "fuse_norms": True, "residual": "Hadamard(96)", "value_head": "Hadamard(24)", "qk_rotation": "Hadamard(24)"
+    }
     online = {(p["layer"], p["place"]): p["online"] for p in report.places}
     for layer in range(2):
         assert online[(layer, "attn_in")] == "-" and online[(layer, "mlp_in")] == "-"
@@ -113,6 +115,10 @@ def test_model_scope_changes_survive_save_and_load(tmp_path):
     assert loaded.lm_head.weight.data_ptr() != loaded.model.embed_tokens.weight.data_ptr()
     assert torch.equal(loaded.model.layers[0].input_layernorm.weight, torch.ones(96))
     assert torch.equal(_logits(loaded, tokens), _logits(model, tokens))
+    from quantcompose.attention_quant import attention_quantizer_of
+
+    # Q/K/V quantizers and QuaRot's online Q/K Hadamard are part of the saved model.
+    assert attention_quantizer_of(loaded.model.layers[1].self_attn) == attention_quantizer_of(model.model.layers[1].self_attn)
 
 
 def test_facts_come_from_the_adapter():

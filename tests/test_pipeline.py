@@ -173,14 +173,42 @@ def test_int4_weights_are_packed():
     assert layer.weight_codes.shape == (layer.out_features, layer.in_features // 2)
 
 
-def test_kv_cache_quantization_changes_k_and_v_only():
-    model = tiny_llama()
-    quantize_model(model, torch.randint(0, 128, (2, 16)), "rtn", QuantSettings(wbits=16, abits=16, kv_bits=4),
-                   progress=False)
-    attn = model.model.layers[0].self_attn
-    assert attn.k_proj.output_spec is not None and attn.v_proj.output_spec is not None
-    assert attn.q_proj.output_spec is None and attn.o_proj.output_spec is None
+def test_qkv_follow_the_activation_bits_by_default_and_16_leaves_them_float():
+    from quantcompose.attention_quant import attention_quantizer_of
 
+    calib = torch.randint(0, 128, (2, 16))
+    model = tiny_llama()
+    report = quantize_model(model, calib, "rtn", QuantSettings(wbits=8, abits=6), progress=False)
+    for layer in model.model.layers:
+        q = attention_quantizer_of(layer.self_attn)
+        assert q is not None and q.q_spec.bits == q.k_spec.bits == q.v_spec.bits == 6
+        assert q.qk_rotation is None  # rtn has no Q/K rotation
+    assert report.attention.startswith("Q=")
+    light = tiny_llama()
+    report = quantize_model(light, calib, "rtn", QuantSettings(wbits=8, abits=6, qkv_bits=16), progress=False)
+    assert report.attention is None
+    assert all(attention_quantizer_of(layer.self_attn) is None for layer in light.model.layers)
+    assert light.config._attn_implementation == tiny_llama().config._attn_implementation
+
+
+def test_quarot_rotates_queries_and_keys_when_they_are_quantized():
+    from quantcompose.attention_quant import attention_quantizer_of
+
+    model = tiny_llama()
+    quantize_model(model, torch.randint(0, 128, (2, 16)), "quarot", QuantSettings(wbits=4, abits=4), progress=False)
+    q = attention_quantizer_of(model.model.layers[1].self_attn)
+    assert q.qk_rotation is not None and q.qk_rotation.size == 24 and q.k_spec.bits == 4
+
+
+def test_quantized_attention_calibrates_the_next_layer():
+    """Layer 1's statistics come from layer 0 with quantized Q/K/V: the two settings give different codes."""
+    calib = torch.randint(0, 128, (2, 16))
+    codes = []
+    for qkv_bits in (None, 16):
+        model = tiny_llama()
+        quantize_model(model, calib, "rtn", QuantSettings(wbits=4, abits=4, qkv_bits=qkv_bits), progress=False)
+        codes.append(model.model.layers[1].self_attn.o_proj.weight_codes.clone())
+    assert not torch.equal(codes[0], codes[1])
 
 def test_nan_in_calibration_is_a_clear_error():
     model = tiny_llama()
