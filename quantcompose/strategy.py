@@ -251,22 +251,16 @@ def clip_options(act_clip: float = 1.0, weight_clip: float = 1.0) -> dict[str, O
     """
     from quantcompose.options import in_range, optional, parse_optional_float
 
-    return {
-        "act_clip": Option(
+    def option(side: str, per: str, default: float) -> Option:
+        return Option(
             None,
-            f"fixed activation clipping ratio in (0, 1]; needs the activation clip search off "
-            f"(default: searched per place, {act_clip} with the search off)",
+            f"fixed {side} clipping ratio in (0, 1]; needs the {side} clip search off "
+            f"(default: searched per {per}, {default} with the search off)",
             type=parse_optional_float,
             check=optional(in_range(0.0, 1.0, low_open=True)),
-        ),
-        "weight_clip": Option(
-            None,
-            f"fixed weight clipping ratio in (0, 1]; needs the weight clip search off "
-            f"(default: searched per row, {weight_clip} with the search off)",
-            type=parse_optional_float,
-            check=optional(in_range(0.0, 1.0, low_open=True)),
-        ),
-    }
+        )
+
+    return {"act_clip": option("activation", "place", act_clip), "weight_clip": option("weight", "row", weight_clip)}
 
 
 class Strategy:
