@@ -153,7 +153,16 @@ def fit_duquant(
     ``notes`` records the steps kept per block, the sample max before/after and
     the fit time.
     """
-    opts = INFO.resolve_options(options)
+    return _fit(stats, INFO.resolve_options(options), settings, generator)
+
+
+def _fit(
+    stats: PlaceStats,
+    opts: dict[str, Any],
+    settings: QuantSettings | None,
+    generator: torch.Generator | None,
+) -> tuple[Transform, dict[str, Any]]:
+    """:func:`fit_duquant` on options already resolved and checked (the strategy's path, once per run)."""
     settings = settings if settings is not None else QuantSettings()
     if generator is None:
         generator = _generator(settings.seed if opts["seed"] is None else opts["seed"], stats)
@@ -236,7 +245,7 @@ class DuQuant(Strategy):
     weight_clip_default = 0.8  # reference --swc
 
     def plan(self, stats: PlaceStats, options: dict[str, Any], settings: QuantSettings) -> Plan:
-        transform, notes = fit_duquant(stats, options, settings)
+        transform, notes = _fit(stats, options, settings, None)
         return self.quantizer_plan(transform, options, settings, notes)
 
 

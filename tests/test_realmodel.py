@@ -28,12 +28,12 @@ FAST = {"duquant": {"steps": 8}, "rtn": {}}
 STRATEGIES = sorted(get_plugin_manager().strategies())
 
 
-def _quantized_copy(method: str, wbits: int, abits: int, nsamples: int = 2, seqlen: int = 128):
+def _quantized_copy(method: str, wbits: int, abits: int, nsamples: int = 2, seqlen: int = 128, **settings):
     model, tokenizer = load_smollm2()
     model = copy.deepcopy(model)
     calib = calibration_tokens("random", tokenizer, nsamples=nsamples, seqlen=seqlen, seed=0,
                                vocab_size=model.config.vocab_size)
-    report = quantize_model(model, calib, method, QuantSettings(wbits=wbits, abits=abits),
+    report = quantize_model(model, calib, method, QuantSettings(wbits=wbits, abits=abits, **settings),
                             FAST.get(method, {}), progress=False)
     return model, report
 
@@ -43,13 +43,15 @@ def _logits(model, tokens):
         return model(tokens).logits
 
 
-@pytest.mark.parametrize("method", STRATEGIES)
-def test_folding_the_plan_leaves_logits_unchanged(method):
-    """With quantization off (16 bits) a strategy's transforms must be exact."""
+@pytest.mark.parametrize(
+    "method, residual_rotation", [(m, False) for m in STRATEGIES] + [("duquant", True)]
+)
+def test_folding_the_plan_leaves_logits_unchanged(method, residual_rotation):
+    """With quantization off (16 bits) a strategy's transforms must be exact (also after a residual rotation)."""
     reference, _ = load_smollm2()
     tokens = wikitext2_test_tokens()[:, :256]
     expected = _logits(reference, tokens)
-    model, report = _quantized_copy(method, 16, 16)
+    model, report = _quantized_copy(method, 16, 16, residual_rotation=residual_rotation)
     assert count_quantized(model) == 30 * 7
     got = _logits(model, tokens)
     # float32 through 30 layers with online rotations and massive activations
