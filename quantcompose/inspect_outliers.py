@@ -2,8 +2,10 @@
 
 For one decoder layer and input place, :func:`inspect_place` collects the
 full-precision activations that feed the place on calibration tokens, asks
-the strategy for its plan from the same statistics the pipeline would give
-it, and applies the plan's activation transform atom by atom (for DuQuant:
+the strategy for its plan from statistics of the kind the pipeline gives it
+(max |x| per channel over every token, a row sample, the consuming weights;
+the pipeline gathers them behind already quantized layers, this module
+behind full-precision ones), and applies the plan's activation transform atom by atom (for DuQuant:
 smooth, rotation, zigzag permutation, second rotation). It records after
 each step the magnitude landscape of one calibration sequence (the one that
 holds the largest input entry; tokens ×
