@@ -552,7 +552,9 @@ def _json_safe(value: Any) -> Any:
 
 
 def plot_bars(result: ComparisonResult, path: str | os.PathLike[str]) -> Path:
-    """Grouped bars of perplexity × full precision (log scale), one group per bit setting.
+    """Grouped bars of perplexity × full precision, one group per bit setting.
+
+    The axis is logarithmic when the rows span more than a factor of 3.
 
     Whiskers span the min–max over seeds; a failed run is marked "failed" at
     the foot of its bar's place.
@@ -591,9 +593,18 @@ def plot_bars(result: ComparisonResult, path: str | os.PathLike[str]) -> Path:
             ax.text(x, 1.0, "failed", rotation=90, ha="center", va="bottom", fontsize=8,
                     color=bars.patches[0].get_facecolor() if bars.patches else "black")
     ax.axhline(1.0, color="grey", linewidth=1, linestyle="--")
-    ax.set_yscale("log")
+    ratios = [r.x_fp_mean for r in rows if r.x_fp_mean is not None] + [1.0]
+    # A log axis when the rows span orders of magnitude (W4A4 round-to-nearest is tens of
+    # times full precision); otherwise a linear one starting just below the best row.
+    logarithmic = max(ratios) / min(ratios) > 3
+    if logarithmic:
+        ax.set_yscale("log")
+    else:
+        span = max(ratios) - min(ratios)
+        ax.set_ylim(min(ratios) - 0.1 * span - 1e-3, max(ratios) + 0.1 * span + 1e-3)
+    ax.yaxis.set_major_formatter(lambda value, _pos: f"{value:g}")
     ax.set_xticks(range(len(bits)), bits)
-    ax.set_ylabel("perplexity × full precision (log)")
+    ax.set_ylabel("perplexity × full precision" + (" (log)" if logarithmic else ""))
     ax.set_title(f"{result.protocol.model}: full precision {fp:.2f}", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
