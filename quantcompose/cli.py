@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity of a model or of a saved quantized model")
     _add_model_args(e)
+
+    from quantcompose.analysis_cli import add_subcommands
+
+    add_subcommands(sub)  # compare, inspect
     return parser
 
 
@@ -199,6 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_quantize(args)
         if args.command == "eval":
             return _cmd_eval(args)
+        from quantcompose.analysis_cli import COMMANDS
+
+        if args.command in COMMANDS:
+            return COMMANDS[args.command](args)
     except (QuantComposeError, FileExistsError, KeyError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"quantcompose: error: {message}", file=sys.stderr)
