@@ -137,7 +137,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     bits = parse_bits(args.bits)
     settings = QuantSettings(wbits=bits.wbits, abits=bits.abits, seed=args.seed)
     manager = get_plugin_manager()
-    options = manager.info(args.method).resolve_options(_parse_options(args.opt))
+    options = manager.resolve(args.method, _parse_options(args.opt), settings)
     if not args.all_layers:
         from quantcompose.plotting import pyplot
 

@@ -35,10 +35,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantcompose.errors import QuantComposeError
+from quantcompose.model_scope import model_facts
 from quantcompose.models import InputPlace, get_adapter
 from quantcompose.pipeline import capture_first_layer_inputs
 from quantcompose.plugin_manager import StrategyManager, get_plugin_manager
-from quantcompose.strategy import PlaceStats, QuantSettings
+from quantcompose.strategy import ModelFacts, PlaceStats, QuantSettings
 from quantcompose.transforms import BlockRotation, Compose, Identity, Permutation, Transform
 
 __all__ = [
@@ -231,7 +232,12 @@ def layer_place_inputs(
 
 
 def _place_stats(
-    layer_index: int, layer: nn.Module, place: InputPlace, x: torch.Tensor, generator: torch.Generator
+    layer_index: int,
+    layer: nn.Module,
+    place: InputPlace,
+    x: torch.Tensor,
+    generator: torch.Generator,
+    facts: ModelFacts | None = None,
 ) -> PlaceStats:
     """The statistics the pipeline hands a strategy: max |x| over all rows, a row sample, the weights."""
     keep = torch.randperm(x.shape[0], generator=generator)[:SAMPLE_ROWS]
@@ -242,6 +248,7 @@ def _place_stats(
         act_sample=x[keep],
         weights={name: layer.get_submodule(name).weight.detach().float().cpu() for name in place.linears},
         absorbable=place.absorbable,
+        model=facts,
     )
 
 
@@ -289,9 +296,10 @@ def _inspect_activations(
     seqlen: int,
     top: int,
     landscapes: bool,
+    facts: ModelFacts | None = None,
 ) -> PlaceInspection:
     generator = torch.Generator().manual_seed(settings.seed)
-    stats = _place_stats(layer_index, layer, place, x, generator)
+    stats = _place_stats(layer_index, layer, place, x, generator, facts)
     plan = manager.plan(method, stats, options, settings)
     atoms = _atoms(plan.transform)
 
@@ -340,9 +348,9 @@ def _find_place(model: nn.Module, layer: nn.Module, name: str) -> InputPlace:
     raise InspectionError(f"no input place {name!r}; this model's places are {[p.name for p in places]}")
 
 
-def _resolve(method: str, options: dict[str, Any] | None, manager: StrategyManager | None):
+def _resolve(method: str, options: dict[str, Any] | None, manager: StrategyManager | None, settings: QuantSettings):
     manager = manager or get_plugin_manager()
-    return manager, manager.info(method).resolve_options(options)
+    return manager, manager.resolve(method, options, settings)
 
 
 def inspect_place(
@@ -366,13 +374,13 @@ def inspect_place(
     entry; every other figure is over all calibration tokens. ``model`` is not modified.
     """
     settings = settings or QuantSettings()
-    manager, resolved = _resolve(method, options, manager)
+    manager, resolved = _resolve(method, options, manager, settings)
     _check_layers(model, [layer])
     target = _find_place(model, get_adapter(model).layers()[layer], place)
     for index, module, inputs in layer_place_inputs(model, tokens, [layer], batch_size):
         return _inspect_activations(
             inputs[target.name], index, module, target, method, resolved, settings, manager,
-            tokens.shape[1], top, landscapes=True,
+            tokens.shape[1], top, landscapes=True, facts=model_facts(get_adapter(model)),
         )
     raise AssertionError("unreachable: layer_place_inputs yields the layer asked for")
 
@@ -392,7 +400,7 @@ def inspect_layers(
 ) -> list[PlaceInspection]:
     """:func:`inspect_place` for every place of every layer (or of ``layers``), without landscapes."""
     settings = settings or QuantSettings()
-    manager, resolved = _resolve(method, options, manager)
+    manager, resolved = _resolve(method, options, manager, settings)
     count = len(get_adapter(model).layers()) if layers is None else len(set(layers))
     found: list[PlaceInspection] = []
     walk = layer_place_inputs(model, tokens, layers, batch_size)
@@ -400,7 +408,7 @@ def inspect_layers(
         for place in get_adapter(model).places(module):
             found.append(_inspect_activations(
                 inputs[place.name], index, module, place, method, resolved, settings, manager,
-                tokens.shape[1], top, landscapes=False,
+                tokens.shape[1], top, landscapes=False, facts=model_facts(get_adapter(model)),
             ))
     return found
 

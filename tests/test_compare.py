@@ -29,7 +29,7 @@ from quantcompose.compare import (
 from quantcompose.errors import QuantSpecError
 from quantcompose.hookspecs import hookimpl
 from quantcompose.plugin_manager import StrategyManager
-from quantcompose.strategy import QuantSettings, StrategyInfo
+from quantcompose.strategy import QuantSettings, Strategy
 
 from tests.toymodel import tiny_llama
 
@@ -56,18 +56,20 @@ def _compare(model, runs, seeds=(0,), manager=None):
                            manager=manager, progress=False)
 
 
-class _Exploder:
-    """A strategy whose planning raises, to prove one failed run does not stop the others."""
+class _ExploderStrategy(Strategy):
+    name = "exploder"
+    description = "raises on every place"
 
-    @hookimpl
-    def quantcompose_strategy_info(self):
-        return StrategyInfo("exploder", "raises on every place")
-
-    @hookimpl
-    def quantcompose_plan(self, method, stats, options, settings):
-        if method != "exploder":
-            return None
+    def plan(self, stats, options, settings):
         raise RuntimeError("exploder always fails")
+
+
+class _Exploder:
+    """A plugin whose strategy's planning raises, to prove one failed run does not stop the others."""
+
+    @hookimpl
+    def quantcompose_strategies(self):
+        yield _ExploderStrategy()
 
 
 @pytest.fixture(scope="module")
