@@ -44,3 +44,16 @@ class CalibrationError(QuantComposeError, ValueError):
 
 class DataError(QuantComposeError, OSError):
     """An evaluation or calibration data file is missing or malformed."""
+
+
+class SaveError(QuantComposeError, OSError):
+    """A model cannot be saved where it was asked to be (bad path, not replaceable, no space, busy)."""
+
+
+class SaveTargetExistsError(SaveError, FileExistsError):
+    """The save target exists and replacing it was not asked for."""
+
+
+class UsageError(QuantComposeError, ValueError):
+    """A command-line argument or API argument is out of range or inconsistent."""
+

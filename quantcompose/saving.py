@@ -16,9 +16,12 @@ imply, all before a model is built. Nothing is unpickled and no code is run.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
-from quantcompose.errors import ModelLoadError, QuantSpecError, TransformError
+from quantcompose.atomic_dir import recover, target_lock, was_interrupted, write_directory
+from quantcompose.errors import ModelLoadError, QuantSpecError, SaveError, SaveTargetExistsError, TransformError
 from quantcompose.models import set_submodule
 from quantcompose.qlinear import QuantLinear, is_packed, weight_layout
 from quantcompose.quant import QuantSpec
@@ -169,6 +173,66 @@ def _write_files(model: nn.Module, directory: Path, tokenizer: Any, metadata: di
     (directory / CONFIG_NAME).write_text(json.dumps(manifest, indent=1))
 
 
+def is_saved_model(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory holding a quantcompose manifest (not checked further)."""
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in [path, *path.parents]:
+        if candidate.exists():
+            return candidate
+    return Path(path.anchor or ".")
+
+
+def check_save_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Raise :class:`SaveError` unless a model can be saved at ``path``; returns it as a ``Path``.
+
+    ``path`` must not exist, or with ``overwrite`` be a saved quantcompose model
+    or an empty directory (nothing else is ever replaced), and its nearest
+    existing parent must be a directory this process can create entries in.
+    """
+    if not os.fspath(path).strip():
+        raise SaveError("the save path is empty; pass the directory to save the model to (--save DIR)")
+    target = Path(path).expanduser()
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise SaveTargetExistsError(
+                f"{target} already exists; choose another path, or pass overwrite=True (--overwrite) "
+                "to replace a saved quantcompose model"
+            )
+        if not target.is_dir() or target.is_symlink():
+            raise SaveError(f"{target} exists and is not a directory; refusing to replace it: choose another path")
+        if not is_saved_model(target) and any(target.iterdir()):
+            raise SaveError(
+                f"{target} exists and is not a saved quantcompose model (no {CONFIG_NAME}); refusing to replace "
+                "what it holds: choose another path or empty it first"
+            )
+    parent = _nearest_existing(target.parent)
+    if not parent.is_dir():
+        raise SaveError(f"cannot save to {target}: {parent} is not a directory; choose another path")
+    # os.access says yes to root on a read-only file system's directories too: try it.
+    probe = parent / f".qc-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        raise SaveError(f"cannot save to {target}: {parent} is not writable ({exc.strerror}); "
+                        "choose a directory you can write to") from None
+    return target
+
+
+def _estimated_bytes(model: nn.Module) -> int:
+    """Bytes the saved tensors will take at most (transforms counted once per layer, an upper bound)."""
+    tensors, _ = _unique_state(model)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    distinct, _ = _distinct_transforms(model)
+    for transform in distinct.values():
+        _, flat = flatten_state(transform.state_dict())
+        total += sum(t.numel() * t.element_size() for t in flat.values())
+    return total
+
+
 def save_quantized(
     model: nn.Module,
     path: str | os.PathLike,
@@ -178,25 +242,29 @@ def save_quantized(
 ) -> int:
     """Write ``model`` (with its :class:`QuantLinear` layers) to the directory ``path``.
 
-    Returns the size on disk in bytes. Refuses to replace an existing
-    directory unless ``overwrite`` is set.
+    Returns the size on disk in bytes. With ``overwrite``, replaces only a
+    directory that holds a saved quantcompose model (or an empty one), and
+    only once the new one is completely written: a failure or a kill at any
+    point leaves the old model or the new one at ``path`` (see
+    :mod:`quantcompose.atomic_dir`). Raises :class:`SaveError` otherwise.
     """
-    import shutil
-    import tempfile
-
-    target = Path(path)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; choose another path or pass overwrite=True (--overwrite)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    target = check_save_target(path, overwrite)
     try:
-        _write_files(model, staging, tokenizer, metadata)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SaveError(f"cannot create {target.parent}: {exc.strerror}; choose another path") from None
+    needed, free = _estimated_bytes(model), shutil.disk_usage(target.parent).free
+    if needed > free:
+        raise SaveError(f"saving to {target} needs about {needed / 2**20:.0f} MiB but {target.parent} has "
+                        f"{free / 2**20:.0f} MiB free; free some space or save elsewhere")
+    try:
+        write_directory(target, lambda staging: _write_files(model, staging, tokenizer, metadata),
+                        marker=CONFIG_NAME, replace=overwrite)
+    except OSError as exc:
+        if isinstance(exc, SaveError):
+            raise
+        reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise SaveError(f"saving to {target} failed: {reason}; nothing was changed at {target}") from exc
     return directory_size(target)
 
 
@@ -213,10 +281,23 @@ def _fail(source: Path, what: str, problem: str) -> ModelLoadError:
     )
 
 
+def _recover_interrupted(target: Path) -> None:
+    """Put back a model that a killed save had renamed aside (see :mod:`quantcompose.atomic_dir`)."""
+    if not was_interrupted(target):
+        return
+    try:
+        with target_lock(target):
+            recover(target, CONFIG_NAME)
+    except (SaveError, OSError):
+        pass  # a save is running or the folder is read-only: report what is there
+
+
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """The manifest of the saved model at ``path``, its format and section checksums verified."""
     source = Path(path)
     config_file = source / CONFIG_NAME
+    if not source.exists():
+        _recover_interrupted(source)
     if not config_file.is_file():
         hint = " (the directory does not exist)" if not source.exists() else ""
         raise ModelLoadError(
