@@ -37,7 +37,6 @@ from quantcompose.models import set_submodule
 from quantcompose.qlinear import QuantLinear, is_packed, weight_layout
 from quantcompose.quant import QuantSpec
 from quantcompose.transforms import Transform, flatten_state, from_state_dict, unflatten_state
-from quantcompose.transforms.base import state_equal
 
 FORMAT_VERSION = 2
 CONFIG_NAME = "quantcompose.json"
@@ -99,10 +98,10 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 
 def _distinct_transforms(model: nn.Module) -> tuple[dict[str, Transform], dict[str, str]]:
-    """``({id: transform}, {layer name: id})``: equal online transforms are stored once.
+    """``({id: transform}, {layer name: id})``: a transform object shared by layers is stored once.
 
-    Siblings (q/k/v, gate/up) hold one object; value equality also catches
-    equal transforms that were copied.
+    Siblings (q/k/v, gate/up) hold one object: the pipeline hands them one and
+    :class:`QuantLinear` casts it through a shared cache; a loaded model shares them the same way.
     """
     distinct: dict[str, Transform] = {}
     by_object: dict[int, str] = {}
@@ -110,15 +109,10 @@ def _distinct_transforms(model: nn.Module) -> tuple[dict[str, Transform], dict[s
     for name, module in model.named_modules():
         if not isinstance(module, QuantLinear) or module.transform is None:
             continue
-        transform = module.transform
-        key = by_object.get(id(transform))
+        key = by_object.get(id(module.transform))
         if key is None:
-            key = next((k for k, t in distinct.items() if t.size == transform.size and
-                        type(t) is type(transform) and state_equal(t.state_dict(), transform.state_dict())), None)
-        if key is None:
-            key = str(len(distinct))
-            distinct[key] = transform
-        by_object[id(transform)] = key
+            key = by_object[id(module.transform)] = str(len(distinct))
+            distinct[key] = module.transform
         used_by[name] = key
     return distinct, used_by
 
@@ -176,6 +170,12 @@ def _write_files(model: nn.Module, directory: Path, tokenizer: Any, metadata: di
 def is_saved_model(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a directory holding a quantcompose manifest (not checked further)."""
     return (Path(path) / CONFIG_NAME).is_file()
+
+
+def looks_like_saved_model(path: str | os.PathLike) -> bool:
+    """A saved model, or what is left of one (its tensor files, or a save interrupted while replacing it)."""
+    target = Path(path)
+    return is_saved_model(target) or (target / TRANSFORMS_NAME).is_file() or was_interrupted(target)
 
 
 def _nearest_existing(path: Path) -> Path:
