@@ -509,7 +509,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     if _tokenizer_files_present(manifest):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(source))
+        tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
     return model, tokenizer
 
 
