@@ -7,7 +7,10 @@ import sys
 import time
 from typing import Any, Sequence
 
-from quantcompose.errors import QuantComposeError
+from quantcompose.errors import QuantComposeError, UsageError
+
+#: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED = 130
 
 
 def _parse_options(pairs: Sequence[str]) -> dict[str, str]:
@@ -97,11 +100,9 @@ def _cmd_methods() -> int:
 
 
 def _load(name: str):
-    from pathlib import Path
+    from quantcompose.saving import load_quantized, looks_like_saved_model
 
-    from quantcompose.saving import CONFIG_NAME, load_quantized
-
-    if (Path(name) / CONFIG_NAME).is_file():
+    if looks_like_saved_model(name):
         return load_quantized(name)
     from quantcompose.models.loading import load_model
 
@@ -114,6 +115,78 @@ def _eval_tokens(args: argparse.Namespace, tokenizer: Any):
     from quantcompose.data import load_wikitext2_test
 
     return load_wikitext2_test(tokenizer, None if args.eval_data == "wikitext2" else args.eval_data)
+
+
+#: torch seeds are 64-bit; a signed range keeps them valid for every generator.
+MAX_SEED = 2**63
+
+
+def _require_at_least(args: argparse.Namespace, minimum: int, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < minimum:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} must be at least {minimum}, got {value}")
+
+
+def _check_data_source(source: str | None, what: str, builtin: tuple[str, ...]) -> None:
+    """A data path is readable UTF-8 text with something in it (built-in sources are not paths)."""
+    if source is None or source in builtin:
+        return
+    from quantcompose.data import read_text_file
+
+    read_text_file(source, what)
+
+
+def _check_common_args(args: argparse.Namespace) -> None:
+    """What `quantize` and `eval` can both check before a model is loaded."""
+    # A window of one token has nothing to predict.
+    _require_at_least(args, 2, "seqlen")
+    _require_at_least(args, 1, "max_windows")
+    _check_data_source(args.eval_data, "evaluation (--eval-data)", ("wikitext2",))
+
+
+def _check_quantize_args(args: argparse.Namespace) -> None:
+    """Everything `quantize` can check before the model is loaded, so that no work is wasted."""
+    from quantcompose.data import RANDOM_SOURCES
+    from quantcompose.saving import check_save_target, is_saved_model
+
+    _check_common_args(args)
+    _require_at_least(args, 1, "nsamples", "calib_seqlen", "group_size")
+    if not 0 <= args.seed < MAX_SEED:
+        raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
+    _check_data_source(args.calib, "calibration (--calib)", (*RANDOM_SOURCES, "wikitext2"))
+    if is_saved_model(args.model):
+        raise UsageError(f"{args.model} is a saved quantcompose model, already quantized; "
+                         f"use `quantcompose eval --model {args.model} --eval-data PATH` to evaluate it")
+    if args.save is not None:
+        check_save_target(args.save, args.overwrite)
+
+
+def _check_against_model(args: argparse.Namespace, model: Any, eval_tokens: Any) -> None:
+    """What needs the loaded model and tokenizer, checked before any evaluation or quantization."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    # --seqlen has a default that only matters for evaluation.
+    seqlen = args.seqlen if eval_tokens is not None else None
+    for flag, value in (("--seqlen", seqlen), ("--calib-seqlen", getattr(args, "calib_seqlen", None))):
+        if context is not None and value is not None and value > context:
+            raise UsageError(f"{flag} {value} is longer than the model's context of {context} tokens; "
+                             f"use at most {context}")
+    if eval_tokens is not None and eval_tokens.shape[1] < args.seqlen:
+        raise UsageError(f"the evaluation text has {eval_tokens.shape[1]} tokens, fewer than one window of "
+                         f"--seqlen {args.seqlen}; pass more text or a smaller --seqlen")
+    group = getattr(args, "group_size", None)
+    if group is not None:
+        from torch import nn
+
+        from quantcompose.models import get_adapter
+
+        widths = sorted({m.in_features for layer in get_adapter(model).layers() for m in layer.modules()
+                         if isinstance(m, nn.Linear)})
+        bad = [w for w in widths if w % group]
+        if bad:
+            raise UsageError(f"--group-size {group} does not divide the input width {bad[0]} of some linear "
+                             f"layers (widths {widths}); choose a group size that divides all of them")
 
 
 def _print_table(rows: list[tuple[str, str, str]]) -> None:
@@ -132,6 +205,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from quantcompose.plugin_manager import get_plugin_manager
     from quantcompose.strategy import QuantSettings
 
+    _check_quantize_args(args)
     settings = QuantSettings(
         wbits=args.wbits, abits=args.abits, weight_symmetric=args.weight_sym, act_symmetric=args.act_sym,
         weight_group_size=args.group_size, qkv_bits=args.qkv_bits, seed=args.seed,
@@ -148,12 +222,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     get_adapter(model)  # an architecture with no adapter fails before any evaluation or calibration
     eval_tokens = _eval_tokens(args, tokenizer)
+    _check_against_model(args, model, eval_tokens)
+    # Before the full-precision evaluation: a calibration text too short fails here, not after it.
+    calib = calibration_tokens(args.calib, tokenizer, nsamples=args.nsamples, seqlen=args.calib_seqlen, seed=args.seed)
     rows: list[tuple[str, str, str]] = []
     progress = not args.quiet
     if eval_tokens is not None and not args.no_fp:
         ppl = perplexity(model, eval_tokens, seqlen=args.seqlen, max_windows=args.max_windows, progress=progress)
         rows.append(("full precision", "W16A16", f"{ppl:.2f}"))
-    calib = calibration_tokens(args.calib, tokenizer, nsamples=args.nsamples, seqlen=args.calib_seqlen, seed=args.seed)
     report = quantize_model(model, calib, args.method, settings, options, manager=manager, progress=progress)
     bits = f"W{args.wbits}A{args.abits}" + ("" if args.qkv_bits is None else f"QKV{args.qkv_bits}")
     if eval_tokens is not None:
@@ -164,14 +240,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         print(f"\n{args.model}: WikiText-2 test, {windows} windows of {args.seqlen} tokens")
         _print_table(rows)
     print(f"quantization time: {report.seconds:.1f} s ({args.nsamples} x {args.calib_seqlen} {args.calib} calibration tokens)")
-    if args.save:
-        from quantcompose.saving import save_quantized
+    if args.save is not None:
+        from quantcompose.saving import save_quantized, saved_size_breakdown
 
-        size = save_quantized(
+        save_quantized(
             model, args.save, tokenizer=tokenizer, overwrite=args.overwrite,
             metadata={"method": args.method, "bits": bits, "options": report.options, "source": args.model},
         )
-        print(f"saved to {args.save} ({size / 2**20:.1f} MiB on disk)")
+        print(f"saved to {args.save}: {saved_size_breakdown(args.save).format()}")
     return 0
 
 
@@ -179,12 +255,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from quantcompose.evaluate import perplexity
 
     if args.eval_data is None:
-        raise SystemExit("eval needs --eval-data PATH (wiki.test.raw) or --eval-data wikitext2")
+        raise UsageError("eval needs --eval-data PATH (wiki.test.raw) or --eval-data wikitext2")
+    _check_common_args(args)
     start = time.perf_counter()
     model, tokenizer = _load(args.model)
     if tokenizer is None:
-        raise SystemExit(f"{args.model} has no saved tokenizer; re-save it with a tokenizer")
+        raise UsageError(f"{args.model} has no saved tokenizer; re-save it with a tokenizer")
     tokens = _eval_tokens(args, tokenizer)
+    _check_against_model(args, model, tokens)
     ppl = perplexity(model, tokens, seqlen=args.seqlen, max_windows=args.max_windows, progress=not args.quiet)
     print(f"{args.model}: wikitext2 perplexity {ppl:.2f} ({time.perf_counter() - start:.1f} s)")
     return 0
@@ -211,6 +289,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"quantcompose: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # A save in progress has already removed its staging folder; nothing else is written.
+        print("quantcompose: interrupted", file=sys.stderr)
+        return INTERRUPTED
     parser.error(f"unknown command {args.command!r}")
     return 2
 

@@ -16,12 +16,20 @@ import torch
 
 from quantcompose.errors import CalibrationError, DataError
 
-__all__ = ["load_wikitext2_test", "calibration_tokens", "check_finite", "tokenize_text"]
+__all__ = ["load_wikitext2_test", "calibration_tokens", "check_finite", "tokenize_text", "read_text_file"]
 
 _WIKITEXT = ("wikitext", "wikitext-2-raw-v1")
 
 
-def _read_text(path: str | os.PathLike[str], what: str) -> str:
+_BOM = b"\xef\xbb\xbf"
+
+
+def read_text_file(path: str | os.PathLike[str], what: str) -> str:
+    """The UTF-8 text of ``path`` (a leading byte-order mark dropped), or a :class:`DataError` saying why not.
+
+    Refuses a missing path, a directory, an empty or whitespace-only file,
+    a binary file (one with NUL bytes) and bytes that are not UTF-8.
+    """
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(
@@ -30,11 +38,23 @@ def _read_text(path: str | os.PathLike[str], what: str) -> str:
             + "; pass the path of an existing UTF-8 text file"
         )
     try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{what} file {p} is not UTF-8 text ({exc}); pass a UTF-8 text file") from exc
+        data = p.read_bytes()
     except OSError as exc:
-        raise DataError(f"cannot read {what} file {p}: {exc}") from exc
+        raise DataError(f"cannot read {what} file {p}: {exc.strerror or exc}; check its permissions") from exc
+    if data.startswith(_BOM):
+        # Windows editors write one; as text it would be a stray U+FEFF token at the start.
+        data = data[len(_BOM):]
+    if b"\x00" in data:
+        raise DataError(f"{what} file {p} is binary (it holds NUL bytes at offset {data.index(0)}); "
+                        "pass a UTF-8 text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{what} file {p} is not UTF-8 text (invalid byte at offset {exc.start}); "
+                        "convert it to UTF-8 or pass another file") from None
+    if not text.strip():
+        raise DataError(f"{what} file {p} is empty; pass a file with text in it")
+    return text
 
 
 def _wikitext_rows(split: str) -> list[str]:
@@ -79,7 +99,7 @@ def load_wikitext2_test(tokenizer: Any, path: str | os.PathLike[str] | None = No
     if path is None:
         rows = _wikitext_rows("test")
     else:
-        rows = _read_text(path, "WikiText-2 test").splitlines()
+        rows = read_text_file(path, "WikiText-2 test").splitlines()
     return tokenize_text(tokenizer, "\n\n".join(rows))
 
 
@@ -151,7 +171,7 @@ def calibration_tokens(
         stream = tokenize_text(tokenizer, "\n\n".join(_wikitext_rows("train")))
         label = "WikiText-2 train split"
     else:
-        stream = tokenize_text(tokenizer, _read_text(key, "calibration text"))
+        stream = tokenize_text(tokenizer, read_text_file(key, "calibration text"))
         label = repr(key)
     n = stream.shape[1]
     if n < seqlen:

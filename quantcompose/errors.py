@@ -48,3 +48,16 @@ class DataError(QuantComposeError, OSError):
 
 class OptionError(QuantComposeError, ValueError):
     """A strategy option is unknown, of the wrong type, out of range, or conflicts with the settings."""
+
+
+class SaveError(QuantComposeError, OSError):
+    """A model cannot be saved where it was asked to be (bad path, not replaceable, no space, busy)."""
+
+
+class SaveTargetExistsError(SaveError, FileExistsError):
+    """The save target exists and replacing it was not asked for."""
+
+
+class UsageError(QuantComposeError, ValueError):
+    """A command-line argument or API argument is out of range or inconsistent."""
+

@@ -2,15 +2,88 @@
 
 from __future__ import annotations
 
-from typing import Any
+import weakref
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantcompose.errors import ShapeError
 from quantcompose.quant import QuantSpec, dequantize, fake_quantize, pack_int4, quantize, unpack_int4
 from quantcompose.quant.functional import QuantizedTensor
 from quantcompose.transforms import Identity, Transform
+
+
+def is_packed(spec: QuantSpec, in_features: int) -> bool:
+    """Whether weight codes of ``spec`` are stored two per byte (int4 packing needs an even width)."""
+    return spec.bits <= 4 and in_features % 2 == 0
+
+
+def weight_layout(
+    out_features: int, in_features: int, spec: QuantSpec | None, float_dtype: torch.dtype = torch.float32
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name → ``(shape, dtype)`` of the weight tensors a :class:`QuantLinear` stores for ``spec``.
+
+    Codes are ``(out, in/2)`` ``uint8`` when packed, else ``(out, in)`` of the
+    spec's code dtype; scale and zero point follow the granularity of a
+    quantizer reducing over the ``in`` dimension (see ``quant/functional.py``).
+    """
+    if spec is None:
+        return {"weight": ((out_features, in_features), float_dtype)}
+    if is_packed(spec, in_features):
+        codes = ((out_features, in_features // 2), torch.uint8)
+    else:
+        codes = ((out_features, in_features), spec.code_dtype)
+    if spec.granularity == "tensor":
+        params: tuple[int, ...] = (1, 1)
+    elif spec.granularity == "group":
+        params = (out_features, in_features // spec.group_size, 1)
+    else:
+        params = (out_features, 1)
+    return {"weight_codes": codes, "weight_scale": (params, torch.float32), "weight_zero": (params, torch.float32)}
+
+
+# id(source) -> (weak reference to source, {(device, dtype): cast}). Sibling
+# linears (q/k/v, gate/up) receive one online transform object; casting or
+# moving it through this cache keeps them sharing one copy, in memory and on disk.
+_CASTS: dict[int, tuple[weakref.ref, dict[tuple[Any, Any], Transform]]] = {}
+
+
+def _tensors(node: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a (nested) transform state dict."""
+    if isinstance(node, torch.Tensor):
+        yield node
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from _tensors(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            yield from _tensors(value)
+
+
+def shared_cast(
+    transform: Transform, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> Transform:
+    """``transform.to(device, dtype)``, returning the same object for the same source and target.
+
+    Returns ``transform`` itself when it already has that dtype and device.
+    """
+    tensors = list(_tensors(transform.state_dict()))
+    needs_dtype = dtype is not None and any(t.is_floating_point() and t.dtype != dtype for t in tensors)
+    needs_device = device is not None and any(t.device != torch.device(device) for t in tensors)
+    if not needs_dtype and not needs_device:
+        return transform
+    key = (None if device is None else str(torch.device(device)), dtype)
+    entry = _CASTS.get(id(transform))
+    if entry is None or entry[0]() is not transform:
+        source_id = id(transform)
+        entry = (weakref.ref(transform, lambda _ref: _CASTS.pop(source_id, None)), {})
+        _CASTS[source_id] = entry
+    cast = entry[1].get(key)
+    if cast is None:
+        cast = entry[1][key] = transform.to(device=device, dtype=dtype)
+    return cast
 
 
 class SharedInput:
@@ -54,20 +127,80 @@ class QuantLinear(nn.Module):
         quantized_weight: QuantizedTensor | None = None,
     ) -> None:
         super().__init__()
-        self.out_features, self.in_features = weight.shape
+        out_features, in_features = weight.shape
+        float_dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        self._setup(in_features, out_features, bias, transform, act_spec, weight_spec, output_spec, float_dtype)
+        if weight_spec is None:
+            self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        else:
+            # A weight quantizer such as GPTQ may hand over its own codes.
+            q = quantized_weight if quantized_weight is not None else quantize(weight.detach().float(), weight_spec)
+            codes = q.codes.reshape(self.out_features, self.in_features)
+            if self.packed:
+                codes = pack_int4(codes, signed=weight_spec.symmetric)
+            self.register_buffer("weight_codes", codes)
+            self.register_buffer("weight_scale", q.scale.float())
+            self.register_buffer("weight_zero", q.zero_point.float())
+
+    @classmethod
+    def empty(
+        cls,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool,
+        transform: Transform | None = None,
+        act_spec: QuantSpec | None = None,
+        weight_spec: QuantSpec | None = None,
+        output_spec: QuantSpec | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> "QuantLinear":
+        """A layer with uninitialised buffers of the right shapes, to be filled by ``load_state_dict``.
+
+        Loading a saved model uses it so that no placeholder weight is quantized only to be overwritten.
+        """
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        empty_bias = torch.empty(out_features, dtype=dtype) if bias else None
+        layer._setup(in_features, out_features, empty_bias, transform, act_spec, weight_spec, output_spec, dtype)
+        for name, (shape, buffer_dtype) in weight_layout(out_features, in_features, weight_spec, dtype).items():
+            tensor = torch.empty(shape, dtype=buffer_dtype)
+            if weight_spec is None:
+                setattr(layer, name, nn.Parameter(tensor, requires_grad=False))
+            else:
+                layer.register_buffer(name, tensor)
+        return layer
+
+    def _setup(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: torch.Tensor | None,
+        transform: Transform | None,
+        act_spec: QuantSpec | None,
+        weight_spec: QuantSpec | None,
+        output_spec: QuantSpec | None,
+        float_dtype: torch.dtype,
+    ) -> None:
+        """Everything but the weight: shared by ``__init__`` and :meth:`empty`."""
+        self.out_features, self.in_features = out_features, in_features
         if transform is not None and transform.size != self.in_features:
-            raise ValueError(
+            raise ShapeError(
                 f"transform width {transform.size} does not match the layer's input width {self.in_features}"
             )
         if isinstance(transform, Identity):
             transform = None
-        self.transform = transform
+        # Cast once, here: the reference path computes in the activation's dtype
+        # anyway (float32 for float32 and half layers, float64 only for float64
+        # ones), and a saved model then stores exactly what runs.
+        transform_dtype = torch.float64 if float_dtype == torch.float64 else torch.float32
+        self.transform = None if transform is None else shared_cast(transform, dtype=transform_dtype)
         self.act_spec = act_spec
         self.weight_spec = weight_spec
         # Fake-quantizes the output (K/V cache quantization on k_proj / v_proj).
         self.output_spec = output_spec
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
-        self._float_dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        self._float_dtype = float_dtype
         self._weight_cache: torch.Tensor | None = None
         # "auto": Triton kernels on CUDA, PyTorch reference elsewhere; "always":
         # kernels wherever Triton runs (the CPU interpreter too); "never".
@@ -77,19 +210,7 @@ class QuantLinear(nn.Module):
         # same transform and quantizer; not saved (a loaded model recomputes).
         self.shared_input: SharedInput | None = None
         self._kernel_state_device: torch.device | None = None
-        if weight_spec is None:
-            self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-            self.packed = False
-        else:
-            # A weight quantizer such as GPTQ may hand over its own codes.
-            q = quantized_weight if quantized_weight is not None else quantize(weight.detach().float(), weight_spec)
-            codes = q.codes.reshape(self.out_features, self.in_features)
-            self.packed = weight_spec.bits <= 4 and self.in_features % 2 == 0
-            if self.packed:
-                codes = pack_int4(codes, signed=weight_spec.symmetric)
-            self.register_buffer("weight_codes", codes)
-            self.register_buffer("weight_scale", q.scale.float())
-            self.register_buffer("weight_zero", q.zero_point.float())
+        self.packed = weight_spec is not None and is_packed(weight_spec, in_features)
 
     # -- weights ---------------------------------------------------------------
     def _codes(self) -> torch.Tensor:
@@ -118,7 +239,7 @@ class QuantLinear(nn.Module):
         result = super()._apply(fn, recurse)
         reference = next(iter([*self.parameters(), *self.buffers()]), None)
         if self.transform is not None and reference is not None:
-            self.transform = self.transform.to(device=reference.device)
+            self.transform = shared_cast(self.transform, device=reference.device)
         return result
 
     def weight_nbytes(self) -> int:

@@ -1,47 +1,246 @@
-"""Save and load a quantized model: safetensors for tensors, JSON for the rest.
+"""Save and load a quantized model: safetensors for tensors, a JSON manifest for the rest.
 
 A saved model is a directory::
 
-    quantcompose.json        format version, model config, per-layer specs and transforms
+    quantcompose.json        the manifest: format version, model config, every file's sha256 and
+                             size, every tensor's shape and dtype, per-layer specs, the transforms
     model.safetensors        every parameter and buffer (packed int4 weight codes included)
-    transforms.safetensors   the tensors of the online transforms
+    transforms.safetensors   each distinct online transform once, in the dtype it runs in
     tokenizer files          when a tokenizer was given
 
-Everything is written into a temporary directory beside the target and
-renamed into place at the end, so a save that fails midway leaves nothing.
+Loading trusts nothing it has not checked: the manifest's own sections carry
+checksums, every file is compared with its recorded size and sha256, and
+every tensor's shape and dtype with what the manifest and the layer specs
+imply, all before a model is built. Nothing is unpickled and no code is run.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from torch import nn
 
-from quantcompose.errors import ModelLoadError
+from quantcompose.atomic_dir import recover, target_lock, was_interrupted, write_directory
+from quantcompose.errors import (
+    ModelLoadError,
+    QuantComposeError,
+    QuantSpecError,
+    SaveError,
+    SaveTargetExistsError,
+    TransformError,
+)
 from quantcompose.models import set_submodule
-from quantcompose.qlinear import QuantLinear
+from quantcompose.qlinear import QuantLinear, is_packed, weight_layout
 from quantcompose.quant import QuantSpec
-from quantcompose.transforms import flatten_state, from_state_dict, unflatten_state
+from quantcompose.transforms import Transform, flatten_state, from_state_dict, unflatten_state
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONFIG_NAME = "quantcompose.json"
 WEIGHTS_NAME = "model.safetensors"
 TRANSFORMS_NAME = "transforms.safetensors"
+
+_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16,
+    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+)}
+#: Manifest sections covered by a checksum (quantized layers and transforms one entry each).
+_SECTIONS = ("model_class", "model_config", "metadata", "files", "tensors", "aliases", "transform_tensors", "attention")
 
 
 def _spec(spec: QuantSpec | None) -> dict[str, Any] | None:
     return None if spec is None else spec.to_dict()
 
 
-def _unspec(data: dict[str, Any] | None) -> QuantSpec | None:
-    return None if data is None else QuantSpec.from_dict(data)
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _describe(tensor: torch.Tensor) -> dict[str, Any]:
+    return {"shape": list(tensor.shape), "dtype": _dtype_name(tensor.dtype)}
+
+
+def _digest(value: Any) -> str:
+    """sha256 of a JSON value in canonical form (sorted keys, no whitespace)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _section_digests(manifest: dict[str, Any]) -> dict[str, str]:
+    digests = {key: _digest(manifest.get(key)) for key in _SECTIONS}
+    for group in ("quantized_layers", "transforms"):
+        for name, entry in manifest.get(group, {}).items():
+            digests[f"{group}[{name!r}]"] = _digest(entry)
+    return digests
+
+
+def _file_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# -------------------------------------------------------------------- saving
+def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's state dict with tied tensors once, and ``{alias: stored name}`` for the rest."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if tensor.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = tensor.detach().cpu().contiguous()
+    return tensors, aliases
+
+
+def _distinct_transforms(model: nn.Module) -> tuple[dict[str, Transform], dict[str, str]]:
+    """``({id: transform}, {layer name: id})``: a transform object shared by layers is stored once.
+
+    Siblings (q/k/v, gate/up) hold one object: the pipeline hands them one and
+    :class:`QuantLinear` casts it through a shared cache; a loaded model shares them the same way.
+    """
+    distinct: dict[str, Transform] = {}
+    by_object: dict[int, str] = {}
+    used_by: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantLinear) or module.transform is None:
+            continue
+        key = by_object.get(id(module.transform))
+        if key is None:
+            key = by_object[id(module.transform)] = str(len(distinct))
+            distinct[key] = module.transform
+        used_by[name] = key
+    return distinct, used_by
+
+
+def _write_files(model: nn.Module, directory: Path, tokenizer: Any, metadata: dict[str, Any] | None) -> None:
+    """Write a complete saved model into the empty directory ``directory``, manifest last."""
+    tensors, aliases = _unique_state(model)
+    distinct, used_by = _distinct_transforms(model)
+    transform_configs: dict[str, Any] = {}
+    transform_tensors: dict[str, torch.Tensor] = {}
+    for key, transform in distinct.items():
+        config, flat = flatten_state(transform.state_dict(), prefix=f"{key}.")
+        transform_configs[key] = config
+        transform_tensors.update({k: v.detach().cpu().contiguous() for k, v in flat.items()})
+    layers: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            layers[name] = {
+                "in_features": module.in_features,
+                "out_features": module.out_features,
+                "bias": module.bias is not None,
+                "float_dtype": _dtype_name(module._float_dtype),
+                "packed": module.packed,
+                "act_spec": _spec(module.act_spec),
+                "weight_spec": _spec(module.weight_spec),
+                "output_spec": _spec(module.output_spec),
+                "transform": used_by.get(name),
+            }
+    attention, attention_tensors = _attention_state(model)
+    transform_tensors.update(attention_tensors)
+    save_file(tensors, str(directory / WEIGHTS_NAME))
+    save_file(transform_tensors, str(directory / TRANSFORMS_NAME))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    files = {}
+    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
+        data = file.read_bytes()
+        files[file.relative_to(directory).as_posix()] = {"sha256": _file_digest(data), "size": len(data)}
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "model_class": type(model).__name__,
+        "model_config": json.loads(json.dumps(model.config.to_dict(), default=str)),
+        "metadata": json.loads(json.dumps(metadata or {}, default=str)),
+        "files": files,
+        "tensors": {name: _describe(t) for name, t in tensors.items()},
+        "aliases": aliases,
+        "transform_tensors": {name: _describe(t) for name, t in transform_tensors.items()},
+        "transforms": transform_configs,
+        "quantized_layers": layers,
+        "attention": attention,
+    }
+    # Checked on load so that no layer is built from a problem found later.
+    _check_layers(directory, manifest)
+    manifest["checksums"] = _section_digests(manifest)
+    (directory / CONFIG_NAME).write_text(json.dumps(manifest, indent=1))
+
+
+def is_saved_model(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory holding a quantcompose manifest (not checked further)."""
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
+def looks_like_saved_model(path: str | os.PathLike) -> bool:
+    """A saved model, or what is left of one (its tensor files, or a save interrupted while replacing it)."""
+    target = Path(path)
+    return is_saved_model(target) or (target / TRANSFORMS_NAME).is_file() or was_interrupted(target)
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in [path, *path.parents]:
+        if candidate.exists():
+            return candidate
+    return Path(path.anchor or ".")
+
+
+def check_save_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Raise :class:`SaveError` unless a model can be saved at ``path``; returns it as a ``Path``.
+
+    ``path`` must not exist, or with ``overwrite`` be a saved quantcompose model
+    or an empty directory (nothing else is ever replaced), and its nearest
+    existing parent must be a directory this process can create entries in.
+    """
+    if not os.fspath(path).strip():
+        raise SaveError("the save path is empty; pass the directory to save the model to (--save DIR)")
+    target = Path(path).expanduser()
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise SaveTargetExistsError(
+                f"{target} already exists; choose another path, or pass overwrite=True (--overwrite) "
+                "to replace a saved quantcompose model"
+            )
+        if not target.is_dir() or target.is_symlink():
+            raise SaveError(f"{target} exists and is not a directory; refusing to replace it: choose another path")
+        if not is_saved_model(target) and any(target.iterdir()):
+            raise SaveError(
+                f"{target} exists and is not a saved quantcompose model (no {CONFIG_NAME}); refusing to replace "
+                "what it holds: choose another path or empty it first"
+            )
+    parent = _nearest_existing(target.parent)
+    if not parent.is_dir():
+        raise SaveError(f"cannot save to {target}: {parent} is not a directory; choose another path")
+    # os.access says yes to root on a read-only file system's directories too: try it.
+    probe = parent / f".qc-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        raise SaveError(f"cannot save to {target}: {parent} is not writable ({exc.strerror}); "
+                        "choose a directory you can write to") from None
+    return target
+
+
+def _estimated_bytes(model: nn.Module) -> int:
+    """Bytes the saved tensors will take at most (transforms counted once per layer, an upper bound)."""
+    tensors, _ = _unique_state(model)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    distinct, _ = _distinct_transforms(model)
+    for transform in distinct.values():
+        _, flat = flatten_state(transform.state_dict())
+        total += sum(t.numel() * t.element_size() for t in flat.values())
+    return total
 
 
 def save_quantized(
@@ -53,59 +252,203 @@ def save_quantized(
 ) -> int:
     """Write ``model`` (with its :class:`QuantLinear` layers) to the directory ``path``.
 
-    Returns the size on disk in bytes. Refuses to replace an existing
-    directory unless ``overwrite`` is set.
+    Returns the size on disk in bytes. With ``overwrite``, replaces only a
+    directory that holds a saved quantcompose model (or an empty one), and
+    only once the new one is completely written: a failure or a kill at any
+    point leaves the old model or the new one at ``path`` (see
+    :mod:`quantcompose.atomic_dir`). Raises :class:`SaveError` otherwise.
     """
-    target = Path(path)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; choose another path or pass overwrite=True (--overwrite)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    layers: dict[str, Any] = {}
-    transform_tensors: dict[str, torch.Tensor] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, QuantLinear):
-            continue
-        transform = None
-        if module.transform is not None:
-            transform, tensors = flatten_state(module.transform.state_dict(), prefix=f"{name}.")
-            transform_tensors.update({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-        layers[name] = {
-            "in_features": module.in_features,
-            "out_features": module.out_features,
-            "bias": module.bias is not None,
-            "act_spec": _spec(module.act_spec),
-            "weight_spec": _spec(module.weight_spec),
-            "output_spec": _spec(module.output_spec),
-            "transform": transform,
-        }
-    attention, attention_tensors = attention_state(model)
-    transform_tensors.update(attention_tensors)
-    config = {
-        "format_version": FORMAT_VERSION,
-        "model_class": type(model).__name__,
-        "model_config": model.config.to_dict(),
-        "quantized_layers": layers,
-        "attention": attention,
-        "metadata": metadata or {},
-    }
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    target = check_save_target(path, overwrite)
     try:
-        save_model(model, str(staging / WEIGHTS_NAME))
-        save_file(transform_tensors, str(staging / TRANSFORMS_NAME))
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=1, default=str))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(staging))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SaveError(f"cannot create {target.parent}: {exc.strerror}; choose another path") from None
+    needed, free = _estimated_bytes(model), shutil.disk_usage(target.parent).free
+    if needed > free:
+        raise SaveError(f"saving to {target} needs about {needed / 2**20:.0f} MiB but {target.parent} has "
+                        f"{free / 2**20:.0f} MiB free; free some space or save elsewhere")
+    try:
+        write_directory(target, lambda staging: _write_files(model, staging, tokenizer, metadata),
+                        marker=CONFIG_NAME, replace=overwrite)
+    except OSError as exc:
+        if isinstance(exc, SaveError):
+            raise
+        reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise SaveError(f"saving to {target} failed: {reason}; nothing was changed at {target}") from exc
     return directory_size(target)
 
 
-def attention_state(model: nn.Module) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor]]:
-    """The Q/K/V quantizers of each layer's attention, as JSON config and tensors (None: not installed)."""
+def directory_size(path: str | os.PathLike) -> int:
+    """Bytes of every file under ``path``."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+# -------------------------------------------------------------------- checking
+def _fail(source: Path, what: str, problem: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"{source / CONFIG_NAME if what == CONFIG_NAME else source / what}: {problem}; "
+        "the saved model is damaged or was edited: save it again with `quantcompose quantize ... --save DIR`"
+    )
+
+
+def _recover_interrupted(target: Path) -> None:
+    """Put back a model that a killed save had renamed aside (see :mod:`quantcompose.atomic_dir`)."""
+    if not was_interrupted(target):
+        return
+    try:
+        with target_lock(target):
+            recover(target, CONFIG_NAME)
+    except (SaveError, OSError):
+        pass  # a save is running or the folder is read-only: report what is there
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of the saved model at ``path``, its format and section checksums verified."""
+    source = Path(path)
+    config_file = source / CONFIG_NAME
+    if not source.exists():
+        _recover_interrupted(source)
+    if not config_file.is_file():
+        hint = " (the directory does not exist)" if not source.exists() else ""
+        raise ModelLoadError(
+            f"{source} is not a saved quantcompose model (no {CONFIG_NAME}){hint}; "
+            "save one with `quantcompose quantize ... --save DIR`."
+        )
+    try:
+        manifest = json.loads(config_file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(source, CONFIG_NAME, f"not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise _fail(source, CONFIG_NAME, "not a JSON object")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelLoadError(
+            f"{config_file}: field format_version is {version!r}; this quantcompose reads format {FORMAT_VERSION}: "
+            "quantize and save the model again with this version"
+        )
+    recorded = manifest.get("checksums")
+    if not isinstance(recorded, dict):
+        raise _fail(source, CONFIG_NAME, "field checksums is missing")
+    actual = _section_digests(manifest)
+    for section in sorted(set(actual) | set(recorded)):
+        if recorded.get(section) != actual.get(section):
+            raise _fail(source, CONFIG_NAME, f"field {section} does not match its checksum")
+    return manifest
+
+
+def _read_files(source: Path, manifest: dict[str, Any]) -> dict[str, bytes]:
+    """Every listed file's bytes, each checked against its recorded size and sha256."""
+    contents: dict[str, bytes] = {}
+    for name in (WEIGHTS_NAME, TRANSFORMS_NAME):
+        if name not in manifest["files"]:
+            raise _fail(source, CONFIG_NAME, f"field files does not list {name}")
+    for name, expected in manifest["files"].items():
+        file = source / name
+        if not file.is_file():
+            raise _fail(source, name, "the file is missing")
+        size = file.stat().st_size
+        if size != expected.get("size"):
+            raise _fail(source, name, f"field size: {size} bytes on disk, {expected.get('size')} recorded")
+        data = file.read_bytes()
+        if _file_digest(data) != expected.get("sha256"):
+            raise _fail(source, name, "field sha256 does not match the file's contents")
+        contents[name] = data
+    return contents
+
+
+def _check_tensors(source: Path, file: str, tensors: dict[str, torch.Tensor], expected: dict[str, Any]) -> None:
+    """Names, shapes and dtypes of a tensor file against the manifest."""
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise _fail(source, file, f"tensors {missing} are missing and {extra} unexpected")
+    for name, tensor in tensors.items():
+        if _describe(tensor) != expected[name]:
+            raise _fail(source, file, f"tensor {name}: shape {list(tensor.shape)} dtype "
+                        f"{_dtype_name(tensor.dtype)}, manifest says {expected[name]}")
+
+
+def _layer_spec(source: Path, layer: dict[str, Any], field: str, where: str) -> QuantSpec | None:
+    data = layer.get(field)
+    try:
+        return None if data is None else QuantSpec.from_dict(data)
+    except (QuantSpecError, TypeError) as exc:
+        raise _fail(source, CONFIG_NAME, f"field {where}.{field} is not a valid quantizer spec ({exc})") from None
+
+
+def _check_layers(source: Path, manifest: dict[str, Any]) -> None:
+    """Each quantized layer's tensors in the manifest against what its specs imply."""
+    tensors = manifest["tensors"]
+    for name, layer in manifest["quantized_layers"].items():
+        where = f"quantized_layers[{name!r}]"
+        spec = _layer_spec(source, layer, "weight_spec", where)
+        _layer_spec(source, layer, "act_spec", where)
+        _layer_spec(source, layer, "output_spec", where)
+        float_dtype = _DTYPES.get(layer.get("float_dtype"))
+        if float_dtype is None or not float_dtype.is_floating_point:
+            raise _fail(source, CONFIG_NAME, f"field {where}.float_dtype {layer.get('float_dtype')!r} is not a float dtype")
+        out_features, in_features = layer["out_features"], layer["in_features"]
+        if spec is not None and layer.get("packed") != is_packed(spec, in_features):
+            raise _fail(source, CONFIG_NAME, f"field {where}.packed is {layer.get('packed')} but weight_spec "
+                        f"bits={spec.bits} on {in_features} inputs implies {not layer.get('packed')}")
+        layout = weight_layout(out_features, in_features, spec, float_dtype)
+        if layer["bias"]:
+            layout["bias"] = ((out_features,), float_dtype)
+        for key, (shape, dtype) in layout.items():
+            expected = {"shape": list(shape), "dtype": _dtype_name(dtype)}
+            found = tensors.get(f"{name}.{key}")
+            if found != expected:
+                raise _fail(source, WEIGHTS_NAME, f"tensor {name}.{key} is {found}, but {where} "
+                            f"(weight_spec {spec}) implies {expected}")
+
+
+def _check_codes(source: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Values the specs constrain: symmetric zero points are 0, codes lie in the spec's range."""
+    for name, layer in manifest["quantized_layers"].items():
+        spec = _layer_spec(source, layer, "weight_spec", name)
+        if spec is None:
+            continue
+        where = f"quantized_layers[{name!r}].weight_spec"
+        if spec.symmetric and bool(tensors[f"{name}.weight_zero"].any()):
+            raise _fail(source, WEIGHTS_NAME, f"{name}.weight_zero has nonzero zero points but {where}.symmetric "
+                        "is true")
+        codes = tensors[f"{name}.weight_codes"]
+        if layer["packed"]:
+            # Each nibble of a byte is a code; 4-bit codes fill a nibble, so only narrower ones can overflow.
+            if spec.bits == 4:
+                continue
+            low, high = (codes & 0xF).to(torch.int16), (codes >> 4).to(torch.int16)
+            if spec.symmetric:
+                low, high = (low ^ 8) - 8, (high ^ 8) - 8
+            lo, hi = min(int(low.min()), int(high.min())), max(int(low.max()), int(high.max()))
+        else:
+            lo, hi = int(codes.min()), int(codes.max())
+        if lo < spec.qmin or hi > spec.qmax:
+            raise _fail(source, WEIGHTS_NAME, f"{name}.weight_codes span [{lo}, {hi}] but {where}.bits="
+                        f"{spec.bits} allows [{spec.qmin}, {spec.qmax}]")
+
+
+def _build_transforms(source: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Transform]:
+    built: dict[str, Transform] = {}
+    for key, config in manifest["transforms"].items():
+        try:
+            built[key] = from_state_dict(unflatten_state(config, tensors))
+        except (TransformError, KeyError, TypeError, ValueError) as exc:
+            raise _fail(source, TRANSFORMS_NAME, f"transform {key} cannot be rebuilt ({exc})") from None
+    for name, layer in manifest["quantized_layers"].items():
+        key = layer.get("transform")
+        if key is None:
+            continue
+        if key not in built:
+            raise _fail(source, CONFIG_NAME, f"quantized_layers[{name!r}].transform names transform {key!r}, "
+                        "which is not stored")
+        if built[key].size != layer["in_features"]:
+            raise _fail(source, TRANSFORMS_NAME, f"transform {key} has width {built[key].size} but "
+                        f"{name} has {layer['in_features']} inputs")
+    return built
+
+
+def _attention_state(model: nn.Module) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor]]:
+    """Each layer's Q/K/V quantizer as JSON config and tensors (None when none is installed)."""
     from quantcompose.attention_quant import attention_quantizer_of, installed_attention_modules
 
     modules = installed_attention_modules(model)
@@ -115,69 +458,168 @@ def attention_state(model: nn.Module) -> tuple[dict[str, Any] | None, dict[str, 
     tensors: dict[str, torch.Tensor] = {}
     for index, module in enumerate(modules):
         quantizer = attention_quantizer_of(module)
-        if quantizer is None:
-            continue
-        state, flat = flatten_state(quantizer.to_dict(), prefix=f"attention.{index}.")
-        config[str(index)] = state
-        tensors.update({k: v.detach().cpu().contiguous() for k, v in flat.items()})
+        if quantizer is not None:
+            state, flat = flatten_state(quantizer.to_dict(), prefix=f"attention.{index}.")
+            config[str(index)] = state
+            tensors.update({k: v.detach().cpu().contiguous() for k, v in flat.items()})
     return {"layers": config}, tensors
 
 
-def restore_attention(model: nn.Module, config: dict[str, Any] | None, tensors: dict[str, torch.Tensor]) -> None:
-    """Install the saved Q/K/V quantizers (see :func:`attention_state`)."""
+def _restore_attention(
+    source: Path, model: nn.Module, config: dict[str, Any] | None, tensors: dict[str, torch.Tensor]
+) -> None:
+    """Reinstall the saved Q/K/V quantizers (see :func:`_attention_state`)."""
     if config is None:
         return
     from quantcompose.attention_quant import AttentionQuantizer, install_attention_quantization
 
-    quantizers = {
-        int(index): AttentionQuantizer.from_dict(unflatten_state(state, tensors))
-        for index, state in config["layers"].items()
-    }
-    install_attention_quantization(model, quantizers)
+    try:
+        quantizers = {
+            int(index): AttentionQuantizer.from_dict(unflatten_state(state, tensors))
+            for index, state in config["layers"].items()
+        }
+        install_attention_quantization(model, quantizers)
+    except (QuantComposeError, KeyError, TypeError, ValueError) as exc:
+        raise _fail(source, CONFIG_NAME, f"field attention cannot be rebuilt ({exc})") from None
 
 
-def directory_size(path: str | os.PathLike) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+def _tokenizer_files_present(manifest: dict[str, Any]) -> bool:
+    return "tokenizer_config.json" in manifest["files"]
+
+
+def _new_model(source: Path, manifest: dict[str, Any]) -> nn.Module:
+    """The model's skeleton from its config, without the cost of random initialisation."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
+
+    model_config = dict(manifest["model_config"])
+    try:
+        hf_config = AutoConfig.for_model(model_config.pop("model_type"), **model_config)
+        with no_init_weights():
+            return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise _fail(source, CONFIG_NAME, f"field model_config does not describe a model transformers can build "
+                    f"({type(exc).__name__}: {exc})") from None
 
 
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
-    """Load a model saved by :func:`save_quantized`; returns ``(model, tokenizer or None)``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """Load a model saved by :func:`save_quantized`; returns ``(model, tokenizer or None)``.
 
+    Raises :class:`ModelLoadError`, naming the file and the field, when anything
+    on disk differs from what the manifest records or its specs imply.
+    """
     source = Path(path)
-    config_file = source / CONFIG_NAME
-    if not config_file.is_file():
-        raise ModelLoadError(
-            f"{source} is not a saved quantcompose model (no {CONFIG_NAME}); "
-            "save one with `quantcompose quantize ... --save DIR`."
+    manifest = read_manifest(source)
+    contents = _read_files(source, manifest)
+    weights = load_safetensors(contents[WEIGHTS_NAME])
+    transform_tensors = load_safetensors(contents[TRANSFORMS_NAME])
+    del contents
+    try:
+        _check_tensors(source, WEIGHTS_NAME, weights, manifest["tensors"])
+        _check_tensors(source, TRANSFORMS_NAME, transform_tensors, manifest["transform_tensors"])
+        _check_layers(source, manifest)
+        _check_codes(source, manifest, weights)
+        transforms = _build_transforms(source, manifest, transform_tensors)
+    except (KeyError, TypeError, AttributeError) as exc:
+        # Only a manifest written by hand, checksums recomputed, gets here.
+        raise _fail(source, CONFIG_NAME, f"an entry is malformed ({type(exc).__name__}: {exc})") from None
+    for alias, stored in manifest["aliases"].items():
+        if stored not in weights:
+            raise _fail(source, CONFIG_NAME, f"field aliases maps {alias} to {stored}, which is not stored")
+        weights[alias] = weights[stored]
+
+    model = _new_model(source, manifest)
+    for name, layer in manifest["quantized_layers"].items():
+        module = QuantLinear.empty(
+            layer["in_features"], layer["out_features"], bias=layer["bias"],
+            transform=None if layer["transform"] is None else transforms[layer["transform"]],
+            act_spec=_layer_spec(source, layer, "act_spec", name),
+            weight_spec=_layer_spec(source, layer, "weight_spec", name),
+            output_spec=_layer_spec(source, layer, "output_spec", name),
+            dtype=_DTYPES[layer["float_dtype"]],
         )
-    config = json.loads(config_file.read_text())
-    if config.get("format_version") != FORMAT_VERSION:
-        raise ModelLoadError(
-            f"{source} has format version {config.get('format_version')}; this quantcompose reads {FORMAT_VERSION}"
-        )
-    model_config = dict(config["model_config"])
-    hf_config = AutoConfig.for_model(model_config.pop("model_type"), **model_config)
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    transform_tensors = load_file(str(source / TRANSFORMS_NAME))
-    for name, layer in config["quantized_layers"].items():
-        transform = None
-        if layer["transform"] is not None:
-            transform = from_state_dict(unflatten_state(layer["transform"], transform_tensors))
-        placeholder = torch.zeros(layer["out_features"], layer["in_features"])
-        module = QuantLinear(
-            placeholder,
-            torch.zeros(layer["out_features"]) if layer["bias"] else None,
-            transform=transform,
-            act_spec=_unspec(layer["act_spec"]),
-            weight_spec=_unspec(layer["weight_spec"]),
-            output_spec=_unspec(layer["output_spec"]),
-        )
-        set_submodule(model, name, module)
-    load_model(model, str(source / WEIGHTS_NAME), strict=True)
-    restore_attention(model, config.get("attention"), transform_tensors)
+        try:
+            set_submodule(model, name, module)
+        except (AttributeError, KeyError) as exc:
+            raise _fail(source, CONFIG_NAME, f"quantized_layers names {name}, which the model does not have") from exc
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise _fail(source, WEIGHTS_NAME, f"its tensors do not fit the model ({exc})") from None
+    _restore_attention(source, model, manifest.get("attention"), transform_tensors)
     model.eval().to(device)
     tokenizer = None
-    if (source / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(str(source))
+    if _tokenizer_files_present(manifest):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
     return model, tokenizer
+
+
+# -------------------------------------------------------------------- size
+@dataclass(frozen=True)
+class SavedSize:
+    """Bytes of a saved model by kind, and the size of the same model in float16."""
+
+    codes: int
+    scales: int
+    floats: int
+    transforms: int
+    other: int
+    fp16: int
+
+    @property
+    def total(self) -> int:
+        return self.codes + self.scales + self.floats + self.transforms + self.other
+
+    @property
+    def ratio(self) -> float:
+        """Size on disk over the float16 model's size."""
+        return self.total / self.fp16 if self.fp16 else float("nan")
+
+    def format(self) -> str:
+        """One line: total, ratio to float16, and the breakdown in MiB."""
+        mib = 2**20
+        return (f"{self.total / mib:.1f} MiB on disk, {self.ratio:.2f}x the float16 model "
+                f"({self.fp16 / mib:.1f} MiB): codes {self.codes / mib:.1f}, scales+zeros {self.scales / mib:.1f}, "
+                f"embeddings and other float tensors {self.floats / mib:.1f}, transforms {self.transforms / mib:.1f}, "
+                f"other files {self.other / mib:.1f} MiB")
+
+
+def _nbytes(description: dict[str, Any]) -> int:
+    numel = 1
+    for n in description["shape"]:
+        numel *= n
+    return numel * _DTYPES[description["dtype"]].itemsize
+
+
+def saved_size_breakdown(path: str | os.PathLike) -> SavedSize:
+    """Size of the saved model at ``path`` by kind (from its manifest) against its float16 size.
+
+    The float16 size counts every weight the model had before quantization
+    (a quantized layer's ``out × in`` and bias, every other stored tensor; tied ones once) at 2 bytes.
+    """
+    manifest = read_manifest(path)
+    codes = scales = floats = 0
+    fp16_elements = 0
+    quantized = {f"{name}.{key}": name for name, layer in manifest["quantized_layers"].items()
+                 for key in ("weight_codes", "weight_scale", "weight_zero")}
+    for name, description in manifest["tensors"].items():
+        size = _nbytes(description)
+        if name.endswith(".weight_codes") and name in quantized:
+            codes += size
+        elif name in quantized:
+            scales += size
+        else:
+            floats += size
+            fp16_elements += size // _DTYPES[description["dtype"]].itemsize
+    for layer in manifest["quantized_layers"].values():
+        if layer["weight_spec"] is not None:
+            fp16_elements += layer["in_features"] * layer["out_features"]
+    transforms = sum(_nbytes(d) for d in manifest["transform_tensors"].values())
+    total = sum(f["size"] for f in manifest["files"].values()) + (Path(path) / CONFIG_NAME).stat().st_size
+    return SavedSize(codes, scales, floats, transforms, total - codes - scales - floats - transforms, 2 * fp16_elements)
