@@ -10,7 +10,6 @@ for the well-conditioned factors used here (condition number at most 4).
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -33,25 +32,16 @@ from quantcompose.transforms import (
     unflatten_state,
 )
 
+from numerics import gen, rel_err, well_conditioned
+
 F64 = torch.float64
 F32_RTOL = 1e-5
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def invertible(n: int, seed: int) -> torch.Tensor:
-    """``Q₁·diag(s)·Q₂`` with singular values in [0.5, 2]: condition number at most 4."""
-    g = gen(seed)
-    s = torch.empty(n, dtype=F64).uniform_(math.log(0.5), math.log(2.0), generator=g).exp()
-    return (random_orthogonal(n, g) * s) @ random_orthogonal(n, g)
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).abs().max()) / max(float(expected.abs().max()), 1e-300)
+    return well_conditioned(n, gen(seed))
 
 
 @pytest.fixture

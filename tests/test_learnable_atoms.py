@@ -21,19 +21,12 @@ from quantcompose.transforms.learnable import (
     LearnableShift,
 )
 
+from numerics import gen, rel_err
+
 F64 = torch.float64
 FREEZE_RTOL = 1e-6
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.detach(), expected.detach()
-    return float((actual - expected).abs().max()) / max(float(expected.abs().max()), 1e-300)
 
 
 def perturbed(module: torch.nn.Module, seed: int, size: float = 0.3) -> torch.nn.Module:

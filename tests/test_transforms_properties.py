@@ -49,6 +49,8 @@ from quantcompose.transforms import (
     unflatten_state,
 )
 
+from numerics import well_conditioned
+
 F64_RTOL = 1e-10
 F32_RTOL = 1e-4
 
@@ -113,12 +115,6 @@ def build_atom(kind: str, n: int, seed: int) -> Transform:
         factor = random_orthogonal if kind == "kronecker_orthogonal" else well_conditioned
         return Kronecker(factor(m, g), factor(n // m, g))
     raise AssertionError(kind)
-
-
-def well_conditioned(n: int, g: torch.Generator) -> torch.Tensor:
-    """``Q₁·diag(s)·Q₂`` with singular values ``s`` log-uniform in [0.5, 2]: condition number ≤ 4."""
-    s = torch.empty(n, dtype=torch.float64).uniform_(math.log(0.5), math.log(2.0), generator=g).exp()
-    return (random_orthogonal(n, g) * s) @ random_orthogonal(n, g)
 
 
 def kronecker_splits(n: int) -> list[int]:
