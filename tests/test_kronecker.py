@@ -102,6 +102,12 @@ def test_orthogonality_survives_a_float32_cast() -> None:
     assert t.is_orthogonal and t.A.dtype == torch.float32
 
 
+def test_orthogonality_tolerance_is_never_looser_than_a_block_rotations() -> None:
+    # 16·size·eps alone would be 0.5 for a 4×4 bfloat16 factor; |F·Fᵀ − I| = 0.21 here.
+    t = Kronecker(1.1 * torch.eye(4, dtype=torch.bfloat16), torch.eye(2, dtype=torch.bfloat16))
+    assert not t.is_orthogonal
+
+
 def test_diagonal_and_identity_factors() -> None:
     d = Kronecker(torch.diag(torch.tensor([1.0, -2.0], dtype=F64)), torch.diag(torch.tensor([3.0, 0.5, 4.0], dtype=F64)))
     assert d.is_diagonal and torch.equal(d.matrix(), torch.diag(torch.diagonal(d.matrix())))

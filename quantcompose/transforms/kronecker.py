@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from quantcompose.errors import TransformError
-from quantcompose.transforms._util import as_float_tensor
+from quantcompose.transforms._util import as_float_tensor, orthogonality_tolerance
 from quantcompose.transforms.base import Transform, cast_like
 
 #: Condition numbers (2-norm, computed in float64) above this are rejected in float64 storage.
@@ -41,11 +41,12 @@ def kronecker_orthogonality_tolerance(size: int, dtype: torch.dtype) -> float:
     """Max ``|F·Fᵀ − I|`` entry for a ``size×size`` factor in ``dtype`` to count as orthogonal.
 
     ``16·size·eps``: the rounding a truly orthogonal matrix picks up when it is
-    computed or stored in ``dtype``, and no more. An orthogonal Kronecker
-    inverts by transposition, so a looser tolerance would turn near-orthogonal
-    factors into an inexact inverse.
+    computed or stored in ``dtype``, and no more; never looser than
+    :func:`orthogonality_tolerance`, which a ``BlockRotation`` must meet. An
+    orthogonal Kronecker inverts by transposition, so a looser tolerance would
+    turn near-orthogonal factors into an inexact inverse.
     """
-    return 16 * size * torch.finfo(dtype).eps
+    return min(16 * size * torch.finfo(dtype).eps, orthogonality_tolerance(dtype))
 
 
 def kronecker_apply(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -102,8 +103,9 @@ class Kronecker(Transform):
     and ``matrix() == torch.kron(A, B)``. The inverse is
     ``Kronecker(A⁻¹, B⁻¹)`` (factors inverted in float64, stored in the
     factors' dtype) and the transpose ``Kronecker(Aᵀ, Bᵀ)``. When both
-    factors are orthogonal (to ``16·size·eps`` of their dtype, checked once
-    here) ``is_orthogonal`` is True and the inverse is the transpose.
+    factors are orthogonal (to :func:`kronecker_orthogonality_tolerance`,
+    ``16·size·eps`` of their dtype, checked once here) ``is_orthogonal`` is
+    True and the inverse is the transpose.
 
     Raises :class:`TransformError` for non-square, empty, NaN / infinite or
     ill-conditioned factors (condition number over :func:`max_condition`:
