@@ -3,14 +3,17 @@
 Every property runs over single atoms and random compositions of up to five
 atoms on random widths: 1..600 including odd ones, always with the real model
 widths 576 and 1536 as explicit examples. Hadamard atoms only appear at
-supported widths. Parameters come from a seeded torch generator so that the
-examples stay cheap to draw.
+supported widths, Kronecker atoms at widths ``m·n`` with both factors at most
+64 (orthogonal factors, or general ones with condition number at most 4).
+Parameters come from a seeded torch generator so that the examples stay cheap
+to draw.
 
 Tolerances (max error relative to the max magnitude of the reference). Let κ̂
-be the product of the Scale atoms' max/min factor ratios, an upper bound on the
-condition number (orthogonal atoms have κ = 1); Scale factor magnitudes are
-drawn from [0.1, 10], so κ̂ ≤ 1e4 for every atom and any composition with at
-most two Scales. Then:
+be the product of the Scale atoms' max/min factor ratios and the Kronecker
+atoms' cond(A)·cond(B), an upper bound on the condition number (orthogonal
+atoms have κ = 1); Scale factor magnitudes are drawn from [0.1, 10], so
+κ̂ ≤ 1e4 for a Scale and any composition with at most two Scales, times at
+most 16 per general Kronecker. Then:
 
 * float64: 1e-10, times κ̂/1e4 when κ̂ > 1e4 (three or more Scales);
 * float32 forward vs float64: 1e-4, times κ̂/1e4 when κ̂ > 1e4;
@@ -34,6 +37,7 @@ from quantcompose.transforms import (
     Compose,
     Hadamard,
     Identity,
+    Kronecker,
     Permutation,
     Scale,
     Transform,
@@ -45,13 +49,21 @@ from quantcompose.transforms import (
     unflatten_state,
 )
 
+from numerics import well_conditioned
+
 F64_RTOL = 1e-10
 F32_RTOL = 1e-4
 
 SPECIAL_WIDTHS = [576, 1536, 1, 2, 7, 45, 99, 12, 64, 100]
 HADAMARD_WIDTHS = [n for n in range(1, 601) if supported_hadamard_size(n)] + [1536]
-ORTHOGONAL_KINDS = ["identity", "permutation", "rotation", "rotation_uniform", "rotation_uneven", "hadamard", "hadamard_signed", "hadamard_T"]
-KINDS = ORTHOGONAL_KINDS + ["scale", "scale"]  # scales twice: they are what breaks orthogonality
+ORTHOGONAL_KINDS = [
+    "identity", "permutation", "rotation", "rotation_uniform", "rotation_uneven",
+    "hadamard", "hadamard_signed", "hadamard_T", "kronecker_orthogonal",
+]
+# Scales twice: they are what breaks orthogonality. General Kroneckers too.
+KINDS = ORTHOGONAL_KINDS + ["scale", "scale", "kronecker"]
+# Kronecker factors stay small (each at most this), so widths with no such split get none.
+MAX_KRONECKER_FACTOR = 64
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -97,11 +109,25 @@ def build_atom(kind: str, n: int, seed: int) -> Transform:
         return Hadamard.random(n, generator=g)
     if kind == "hadamard_T":
         return Hadamard.random(n, generator=g).T
+    if kind.startswith("kronecker"):
+        splits = kronecker_splits(n)
+        m = splits[int(torch.randint(0, len(splits), (1,), generator=g))]
+        factor = random_orthogonal if kind == "kronecker_orthogonal" else well_conditioned
+        return Kronecker(factor(m, g), factor(n // m, g))
     raise AssertionError(kind)
 
 
+def kronecker_splits(n: int) -> list[int]:
+    """The ``m`` with ``m·(n/m) = n`` and both factors at most MAX_KRONECKER_FACTOR."""
+    return [m for m in range(1, min(n, MAX_KRONECKER_FACTOR) + 1) if n % m == 0 and n // m <= MAX_KRONECKER_FACTOR]
+
+
 def kinds_for(n: int, kinds: list[str]) -> list[str]:
-    return kinds if supported_hadamard_size(n) else [k for k in kinds if not k.startswith("hadamard")]
+    if not supported_hadamard_size(n):
+        kinds = [k for k in kinds if not k.startswith("hadamard")]
+    if not kronecker_splits(n):
+        kinds = [k for k in kinds if not k.startswith("kronecker")]
+    return kinds
 
 
 def widths() -> st.SearchStrategy[int]:
@@ -130,7 +156,8 @@ def transforms(n: int | None = None, kinds: list[str] = KINDS) -> st.SearchStrat
 def _examples() -> list[Transform]:
     """Explicit examples run by every property: each atom at 576, the large ones at 1536, DuQuant-like chains."""
     out = [build_atom(kind, 576, 1) for kind in dict.fromkeys(KINDS)]
-    out += [build_atom(kind, 1536, 2) for kind in ("rotation_uniform", "hadamard_signed")]
+    out += [build_atom(kind, 1536, 2) for kind in ("rotation_uniform", "hadamard_signed", "kronecker")]
+    out.append(Compose([build_atom(k, 576, i) for i, k in enumerate(["scale", "kronecker", "hadamard_signed"])]))
     out.append(Compose([build_atom(k, 576, i) for i, k in enumerate(["scale", "permutation", "rotation", "permutation", "rotation"])]))
     out.append(Compose([build_atom(k, 1536, i) for i, k in enumerate(["scale", "hadamard_signed", "permutation"])]))
     out.append(Compose([build_atom(k, 45, i) for i, k in enumerate(["scale", "rotation_uneven", "scale", "permutation"])]))
@@ -146,11 +173,11 @@ def atoms_of(t: Transform) -> tuple[Transform, ...]:
 
 
 def with_examples(fn=None, *, orthogonal_only: bool = False, **fixed):
-    """Apply ``@example(t=..., **fixed)`` for each explicit example (only the Scale-free ones if asked)."""
+    """Apply ``@example(t=..., **fixed)`` for each explicit example (only the orthogonal ones if asked)."""
 
     def apply(fn):
         for t in EXAMPLES:
-            if orthogonal_only and any(isinstance(a, Scale) for a in atoms_of(t)):
+            if orthogonal_only and not t.is_orthogonal:
                 continue
             fn = example(t=t, **fixed)(fn)
         return fn
@@ -167,12 +194,17 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def kappa_bound(t: Transform) -> float:
-    """Upper bound on the condition number: product over Scale atoms of max|f|/min|f|."""
+    """Upper bound on the condition number: the product of the Scale and Kronecker atoms' condition numbers.
+
+    A Scale's is max|f|/min|f|; a Kronecker's is cond(A)·cond(B) (≤ 16 for the drawn ones).
+    """
     k = 1.0
     for a in atoms_of(t):
         if isinstance(a, Scale):
             f = a.factors.abs()
             k *= float(f.max() / f.min())
+        elif isinstance(a, Kronecker):
+            k *= float(torch.linalg.cond(a.A.double()) * torch.linalg.cond(a.B.double()))
     return k
 
 
@@ -223,6 +255,8 @@ def dense_from_attributes(t: Transform) -> torch.Tensor:
         return torch.eye(n, dtype=torch.float64)[:, t.indices]
     if isinstance(t, BlockRotation):
         return torch.block_diag(*[b.double() for b in t.blocks])
+    if isinstance(t, Kronecker):
+        return torch.kron(t.A.double(), t.B.double())
     if isinstance(t, Hadamard):
         h = hadamard_matrix(n) / math.sqrt(n)
         s = torch.ones(n, dtype=torch.float64) if t.signs is None else t.signs.double()

@@ -23,6 +23,7 @@ from quantcompose.transforms.hadamard_matrices import (
     supported_hadamard_size,
 )
 from quantcompose.transforms.identity import Identity
+from quantcompose.transforms.kronecker import Kronecker, kronecker_apply, max_condition
 from quantcompose.transforms.permutation import Permutation
 from quantcompose.transforms.rotation import BlockRotation, random_orthogonal
 from quantcompose.transforms.scale import Scale
@@ -35,7 +36,10 @@ __all__ = [
     "Permutation",
     "BlockRotation",
     "Hadamard",
+    "Kronecker",
     "Compose",
+    "kronecker_apply",
+    "max_condition",
     "hadamard_matrix",
     "hadamard_bases",
     "hadamard_construction",
