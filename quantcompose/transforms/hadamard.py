@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -32,6 +33,32 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
         y = torch.stack((a + b, a - b), dim=2)
         h *= 2
     return y.reshape(*batch, p)
+
+
+#: Up to this order the Sylvester part is applied as one dense product: a
+#: BLAS matmul of p MACs per element beats log₂ p butterfly passes of small
+#: ops by far on CPUs and GPUs alike (QuaRot's Q/K Hadamard of 64, SmolLM2's
+#: 128 in 1536 = 12·128), while the butterfly keeps huge orders O(n log n).
+DENSE_SYLVESTER_MAX = 256
+
+
+@lru_cache(maxsize=64)
+def _sylvester_as(p: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < p:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h.to(dtype=dtype, device=device)
+
+
+def sylvester_apply(x: torch.Tensor) -> torch.Tensor:
+    """``x @ sylvester(p)`` over the last dimension (a power of two ``p``): dense up to
+    :data:`DENSE_SYLVESTER_MAX`, else :func:`fwht`. The two agree to float rounding."""
+    p = x.shape[-1]
+    if p <= DENSE_SYLVESTER_MAX and x.is_floating_point() and x.numel():
+        if p & (p - 1):
+            raise ValueError(f"sylvester_apply needs a power-of-two last dimension, got {p}.")
+        return x @ _sylvester_as(p, x.dtype, x.device)
+    return fwht(x)
 
 
 class Hadamard(Transform):
@@ -101,7 +128,7 @@ class Hadamard(Transform):
     def _apply_h(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ H`` (or ``x @ Hᵀ`` when transposed), unnormalized."""
         p, n = self._p, self.size
-        y = fwht(x) if not self.bases else fwht(x.reshape(*x.shape[:-1], n // p, p))
+        y = sylvester_apply(x) if not self.bases else sylvester_apply(x.reshape(*x.shape[:-1], n // p, p))
         rows = x.numel() // n  # explicit, not -1: an empty batch must reshape too
         before = 1
         for m in self.bases:
