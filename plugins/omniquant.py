@@ -8,6 +8,11 @@ full-precision layer's output (:mod:`quantcompose.learning.trainer`):
 * LWC: per output row (and group) of every weight, learnable lower and upper
   clip ratios ``sigmoid(β)``, ``sigmoid(γ)`` on the row's range (Sec. 3.2),
   initialized at ``sigmoid(4) ≈ 0.98`` as in the authors' code;
+* LET's channel-wise scale (Sec. 3.3): ``x·diag(1/s)``, ``W·diag(s)`` at each
+  place whose previous module folds a diagonal scale exactly (the norms,
+  ``up_proj``; also ``v_proj`` without grouped-query attention), started from
+  SmoothQuant's ``s`` with α = 0.5, trained, and frozen into a ``Scale`` that
+  the pipeline folds like SmoothQuant's;
 * one learnable clip ratio per input place for the per-token activation
   quantizer (not in the paper, whose activations are clipped by LET alone).
 
@@ -16,8 +21,9 @@ and the activation spec's ``clip_ratio``) and the pipeline quantizes the layer
 as for any closed-form plan, so the learned clipping replaces both of
 ``QuantSettings``' clip searches. Training rounds weights to nearest;
 with ``weight_quantizer="gptq"`` GPTQ then rounds inside the learned ranges.
-The paper's learnable equivalent transformation (LET) is not implemented
-here yet. Q/K/V quantization after RoPE is not simulated during training.
+Not implemented: LET's channel-wise shift (Llama's q/k/v and gate/up carry
+no bias to absorb it) and its Q/K scaling inside attention; Q/K/V
+quantization after RoPE is not simulated during training.
 
 Defaults are sized for SmolLM2-135M on 2 CPU cores (minutes); the paper's
 settings, for reference, are 20 epochs, AdamW with lr 5e-3 for LWC (1e-2 for
@@ -33,41 +39,58 @@ from typing import Any
 from quantcompose.hookspecs import hookimpl
 from quantcompose.learning import INIT_LOGIT, FakeQuantLayer, TrainOptions, place_quantizers, train_layer
 from quantcompose.options import Option, in_range, integer_at_least
-from quantcompose.strategy import LayerContext, Plan, QuantSettings, Strategy
+from quantcompose.strategy import LayerContext, PlaceStats, Plan, QuantSettings, Strategy
+from quantcompose.transforms import Scale
+
+from ._duquant_rotation import smooth_factors
 
 
 class OmniQuant(Strategy):
-    """LWC and a learned activation clip per place, fitted per layer against its full-precision output."""
+    """LWC, LET's scale and a learned activation clip per place, fitted per layer against its full-precision output."""
 
     name = "omniquant"
     description = "OmniQuant: learnable weight clipping trained layer by layer (arXiv 2308.13137)"
     options = {
         "epochs": Option(2, "training epochs per layer over the calibration set (paper: 20)",
                          check=integer_at_least(1)),
-        "lr": Option(5e-3, "AdamW learning rate of the weight clip bounds (paper: 5e-3)",
+        "lr": Option(0.1, "AdamW learning rate of the weight clip logits (paper: 5e-3 over 20 epochs of 128 samples)",
                      check=in_range(0.0, None, low_open=True)),
-        "act_lr": Option(5e-3, "AdamW learning rate of the activation clip ratios",
+        "act_lr": Option(0.1, "AdamW learning rate of the activation clip logits",
                          check=in_range(0.0, None, low_open=True)),
         "batch_size": Option(1, "calibration sequences per training step (paper: 1)", check=integer_at_least(1)),
         "samples": Option(4, "calibration sequences trained on, the first ones; 0: all (paper: 128 of 2048 tokens)",
                           check=integer_at_least(0)),
         "weight_decay": Option(0.0, "AdamW weight decay (paper: 0)", check=in_range(0.0, None)),
+        "let": Option(True, "learn a channel-wise scale at each place that can fold one (LET)"),
+        "let_lr": Option(1e-2, "AdamW learning rate of LET's log-scale (paper: 1e-2)",
+                         check=in_range(0.0, None, low_open=True)),
+        "alpha": Option(0.5, "SmoothQuant migration strength LET's scale starts from", check=in_range(0.0, 1.0)),
     }
+
+    def plan(self, stats: PlaceStats, options: dict[str, Any], settings: QuantSettings) -> Plan:
+        if not options["let"] or stats.absorbable == "none":  # an online scale would cost more than it saves
+            return super().plan(stats, options, settings)
+        s = smooth_factors(stats.act_absmax, stats.weight_absmax(), float(options["alpha"]))
+        return self.quantizer_plan(Scale(1.0 / s), options, settings)
 
     def fit_layer(
         self, layer: LayerContext, options: dict[str, Any], settings: QuantSettings
     ) -> dict[str, Plan] | None:
+        if settings.wbits >= 16 and settings.abits >= 16:  # nothing is quantized: nothing to learn
+            return None
         quantizers = {
-            p.name: place_quantizers(layer.layer, p, layer.plans[p.name], INIT_LOGIT) for p in layer.places
+            p.name: place_quantizers(
+                layer.layer, p, layer.plans[p.name], INIT_LOGIT,
+                learn_scale=bool(options["let"]) and isinstance(layer.plans[p.name].transform, Scale),
+            )
+            for p in layer.places
         }
         fake = FakeQuantLayer(layer.layer, quantizers)
         groups = [
             {"params": list(modules.parameters()), "lr": float(options[key])}
-            for modules, key in ((fake.weight_clips, "lr"), (fake.act_clips, "act_lr"))
+            for modules, key in ((fake.weight_clips, "lr"), (fake.act_clips, "act_lr"), (fake.scales, "let_lr"))
             if len(modules)
         ]
-        if not groups:  # 16 bits on both sides: nothing to learn
-            return None
         train = TrainOptions(
             epochs=int(options["epochs"]),
             batch_size=int(options["batch_size"]),
@@ -88,6 +111,7 @@ class OmniQuant(Strategy):
             plan = layer.plans[name]
             refined[name] = replace(
                 plan,
+                transform=plan.transform if q.scale is None else q.scale.frozen(),
                 act_spec=None if q.act is None else replace(plan.act_spec, clip_ratio=q.act.frozen_ratio()),
                 weight_spec=None if q.weight is None else replace(plan.weight_spec, clip_ratio=1.0),
                 weight_clip_rows=None if q.weight is None else q.weight.frozen_bounds(),

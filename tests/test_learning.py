@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from quantcompose.hookspecs import hookimpl
 from quantcompose.errors import CalibrationError, OptionError, ShapeError
 from quantcompose.learning import (
     FakeQuantLayer,
@@ -25,7 +26,7 @@ from quantcompose.plugin_manager import StrategyManager
 from quantcompose.quant import QuantSpec, fake_quantize
 from quantcompose.quant.weight_quantizers import get_weight_quantizer
 from quantcompose.strategy import LayerContext, QuantSettings, Strategy
-from quantcompose.transforms import Identity
+from quantcompose.transforms import Identity, Scale
 from quantcompose_plugins import omniquant
 
 from toymodel import tiny_llama
@@ -79,9 +80,18 @@ def _with_weight_outliers(model):
     return model
 
 
-def _fake_layer(ctx: LayerContext) -> FakeQuantLayer:
-    return FakeQuantLayer(ctx.layer, {p.name: place_quantizers(ctx.layer, p, ctx.plans[p.name], 4.0)
+def _fake_layer(ctx: LayerContext, learn_scale: bool = False) -> FakeQuantLayer:
+    return FakeQuantLayer(ctx.layer, {p.name: place_quantizers(ctx.layer, p, ctx.plans[p.name], 4.0, learn_scale)
                                       for p in ctx.places})
+
+
+def _with_scales(ctx: LayerContext) -> LayerContext:
+    """``ctx`` whose plans start from random positive scales (LET's starting point)."""
+    generator = torch.Generator().manual_seed(0)
+    plans = {k: replace(p, transform=Scale(torch.rand(p.transform.size, generator=generator, dtype=torch.float64)
+                                              + 0.5))
+             for k, p in ctx.plans.items()}
+    return replace(ctx, plans=plans)
 
 
 def _options(**given):
@@ -142,6 +152,22 @@ def test_fake_layer_at_full_clip_leaves_the_layer_untouched_and_its_gradients_re
     for name, value in ctx.layer.state_dict().items():
         assert torch.equal(value, before[name]), name
     assert not ctx.layer.self_attn.q_proj._forward_pre_hooks
+
+
+def test_gradients_reach_the_learnable_scales_and_an_untrained_scale_is_exact_in_float():
+    model = tiny_llama()
+    ctx = _with_scales(_context(model, torch.randint(0, 128, (2, 12)), 0, W3A4))
+    fake = _fake_layer(ctx, learn_scale=True)
+    hidden, kwargs = ctx.inputs[0]
+    torch.nn.functional.mse_loss(fake(hidden, kwargs), ctx.fp_outputs[0]).backward()
+    assert set(fake.scales) == {"attn_in", "attn_out", "mlp_in", "mlp_down"}
+    for place, scale in fake.scales.items():
+        assert scale.log_s.grad is not None and bool((scale.log_s.grad != 0).any()), place
+    # Without quantizers the scales cancel: the fake layer computes the float layer.
+    float_plans = {k: replace(p, act_spec=None, weight_spec=None) for k, p in ctx.plans.items()}
+    exact = _fake_layer(replace(ctx, plans=float_plans), learn_scale=True)
+    with torch.no_grad():
+        torch.testing.assert_close(exact(hidden, kwargs), ctx.fp_outputs[0], rtol=1e-4, atol=1e-5)
 
 
 def test_training_lowers_the_loss_and_the_same_seed_gives_the_same_result():
@@ -258,12 +284,57 @@ def test_omniquant_at_16_bits_leaves_the_logits_unchanged_and_at_w4a4_runs_end_t
         assert bool(torch.isfinite(quantized(tokens).logits).all())
 
 
+class _TrainedThenFloat(omniquant.OmniQuant):
+    """OmniQuant trained at W3A4, then its plans applied with nothing quantized: only the learned scales fold."""
+
+    name = "test-omniquant-float"
+
+    def __init__(self):
+        self.changed: list[float] = []
+
+    def fit_layer(self, layer, options, settings):
+        quantized = {k: replace(p, act_spec=W3A4.act_spec(), weight_spec=W3A4.weight_spec())
+                     for k, p in layer.plans.items()}
+        trained = super().fit_layer(replace(layer, plans=quantized), options, W3A4)
+        for name, plan in trained.items():
+            start = layer.plans[name].transform
+            if isinstance(start, Scale):
+                self.changed.append(float((plan.transform.factors - start.factors).abs().max()))
+        return {k: replace(p, act_spec=None, weight_spec=None, weight_clip_rows=None) for k, p in trained.items()}
+
+
+def test_omniquant_trained_scales_folded_at_16_bits_leave_the_logits_unchanged():
+    model = tiny_llama().double()
+    tokens = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        before = model(tokens).logits
+    strategy = _TrainedThenFloat()
+    manager = StrategyManager(load_entry_points=False)
+    manager.register(_Plugin(strategy))
+    report = quantize_model(model, torch.randint(0, 128, (4, 16)), strategy.name,
+                            QuantSettings(wbits=16, abits=16), {"epochs": 2, "let_lr": 0.05},
+                            manager=manager, progress=False)
+    assert len(strategy.changed) >= 4 and min(strategy.changed) > 1e-3  # the scales did train
+    assert {p["folded"] for p in report.places} >= {"Scale"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).logits, before, rtol=1e-9, atol=1e-9)
+
+
+class _Plugin:
+    def __init__(self, strategy):
+        self.strategy = strategy
+
+    @hookimpl
+    def quantcompose_strategies(self):
+        yield self.strategy
+
+
 def test_omniquant_options_are_checked():
     with pytest.raises(OptionError, match="epochs"):
         _options(epochs=0)
     with pytest.raises(OptionError, match="lr"):
         _options(lr=-1.0)
-    assert omniquant.OmniQuant.scopes() == ("layer",)
+    assert omniquant.OmniQuant.scopes() == ("layer", "place")
 
 
 # -- the real model ------------------------------------------------------------------------

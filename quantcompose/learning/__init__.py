@@ -13,12 +13,14 @@ from quantcompose.learning.fake_quant import (
     fake_quantize_range,
     round_ste,
 )
+from quantcompose.learning.let import LearnableScale
 from quantcompose.learning.trainer import TrainOptions, TrainReport, calibration_batches, layer_error, train_layer
 
 __all__ = [
     "FakeQuantLayer",
     "INIT_LOGIT",
     "LearnableActClip",
+    "LearnableScale",
     "LearnableWeightClip",
     "PlaceQuantizers",
     "TrainOptions",

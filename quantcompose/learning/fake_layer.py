@@ -26,6 +26,7 @@ from torch import nn
 from torch.func import functional_call
 
 from quantcompose.learning.fake_quant import LearnableActClip, LearnableWeightClip
+from quantcompose.learning.let import LearnableScale
 from quantcompose.models import get_submodule
 from quantcompose.strategy import Plan
 from quantcompose.transforms import Identity, Transform
@@ -33,22 +34,32 @@ from quantcompose.transforms import Identity, Transform
 
 @dataclass
 class PlaceQuantizers:
-    """The learnable quantizers of one input place (``None``: that side stays in float)."""
+    """The learnable quantizers of one input place (``None``: that side stays in float).
+
+    With a learnable ``scale`` it replaces ``transform`` (its starting value).
+    """
 
     linears: tuple[str, ...]
     transform: Transform
     weight: LearnableWeightClip | None
     act: LearnableActClip | None
+    scale: LearnableScale | None = None
 
 
-def place_quantizers(layer: nn.Module, place: Any, plan: Plan, init_logit: float) -> PlaceQuantizers:
-    """Learnable quantizers for ``place`` following ``plan``'s specs (clip ratios start at ``sigmoid(init_logit)``)."""
+def place_quantizers(
+    layer: nn.Module, place: Any, plan: Plan, init_logit: float, learn_scale: bool = False
+) -> PlaceQuantizers:
+    """Learnable quantizers for ``place`` following ``plan``'s specs (clip ratios start at ``sigmoid(init_logit)``).
+
+    ``learn_scale`` trains the plan's transform too, which must then be a ``Scale``.
+    """
     rows = sum(get_submodule(layer, name).weight.shape[0] for name in place.linears)
     weight = None
     if plan.weight_spec is not None:
         weight = LearnableWeightClip(rows, plan.transform.size, plan.weight_spec, init_logit)
     act = None if plan.act_spec is None else LearnableActClip(plan.act_spec, init_logit)
-    return PlaceQuantizers(tuple(place.linears), plan.transform, weight, act)
+    scale = LearnableScale(plan.transform) if learn_scale else None
+    return PlaceQuantizers(tuple(place.linears), plan.transform, weight, act, scale)
 
 
 class FakeQuantLayer(nn.Module):
@@ -60,6 +71,7 @@ class FakeQuantLayer(nn.Module):
         self.layer.requires_grad_(False)
         self.weight_clips = nn.ModuleDict({k: q.weight for k, q in quantizers.items() if q.weight is not None})
         self.act_clips = nn.ModuleDict({k: q.act for k, q in quantizers.items() if q.act is not None})
+        self.scales = nn.ModuleDict({k: q.scale for k, q in quantizers.items() if q.scale is not None})
         self.places = quantizers
         # W·T⁻ᵀ of each place, stacked over its sibling linears: fixed during training.
         self._folded: dict[str, torch.Tensor] = {}
@@ -68,7 +80,7 @@ class FakeQuantLayer(nn.Module):
             weights = [get_submodule(self.layer, lin).weight.detach() for lin in q.linears]
             self._rows[name] = [w.shape[0] for w in weights]
             stacked = torch.cat(weights)
-            if not isinstance(q.transform, Identity):
+            if q.scale is None and not isinstance(q.transform, Identity):
                 stacked = q.transform.fold_into_weight(stacked.double())[0].float()
             self._folded[name] = stacked
         self._handles = [
@@ -82,7 +94,9 @@ class FakeQuantLayer(nn.Module):
 
         def hook(module: nn.Module, args: tuple) -> tuple:
             x = args[0]
-            if not isinstance(q.transform, Identity):
+            if q.scale is not None:
+                x = q.scale.on_input(x)
+            elif not isinstance(q.transform, Identity):
                 x = q.transform(x)
             if place in self.act_clips:
                 x = self.act_clips[place](x)
@@ -95,6 +109,8 @@ class FakeQuantLayer(nn.Module):
         replaced: dict[str, torch.Tensor] = {}
         for name, q in self.places.items():
             stacked = self._folded[name]
+            if q.scale is not None:
+                stacked = q.scale.on_weight(stacked)
             if name in self.weight_clips:
                 stacked = self.weight_clips[name](stacked)
             for lin, w in zip(q.linears, stacked.split(self._rows[name])):
