@@ -25,9 +25,22 @@ Not implemented: LET's channel-wise shift (Llama's q/k/v and gate/up carry
 no bias to absorb it) and its Q/K scaling inside attention; Q/K/V
 quantization after RoPE is not simulated during training.
 
-Defaults are sized for SmolLM2-135M on 2 CPU cores (minutes); the paper's
-settings, for reference, are 20 epochs, AdamW with lr 5e-3 for LWC (1e-2 for
-LET), weight decay 0, batch size 1, on 128 samples of 2048 tokens of WikiText-2.
+Defaults (2 epochs over the first 4 calibration sequences, batch size 1,
+lr 0.1 for the clip logits, 1e-2 for LET's log-scale) are sized for
+SmolLM2-135M on 2 CPU cores: 8 steps a layer. The clip logits start at 4,
+where the sigmoid is flat, so with so few steps they need a larger rate than
+the paper's: on SmolLM2's layer 3 (3 epochs of 4 × 128 tokens) lr 5e-3
+lowered the loss by 0.1 %, 5e-2 by 4 %, 0.1 by 14 %. The paper's settings,
+for reference: 20 epochs, AdamW with lr 5e-3 for LWC and 1e-2 for LET,
+weight decay 0, batch size 1, on 128 samples of 2048 tokens of WikiText-2
+(``--opt epochs=20 --opt lr=5e-3 --opt samples=0`` with ``--nsamples 128
+--calib-seqlen 2048``).
+
+Measured (LWC and activation clip, before LET was added; W4A4 with Q/K/V at 4
+bits, round-to-nearest weights, both clip searches off, 16 × 512 random-zipf
+calibration, 8 WikiText-2 windows of 512): perplexity 1801 against
+round-to-nearest's 2333 (full precision 30.5), quantized in 955 s against
+224 s on the shared 2-core machine (load about 5) — not yet minutes.
 """
 
 from __future__ import annotations

@@ -14,6 +14,17 @@ inputs. The pipeline hands the layer scope exactly that second pair — its
 full-precision layer run on them — so a layer learns to reproduce itself on
 the inputs it will really see at inference, and the error of earlier layers
 is not asked of it (it cannot undo it with a clip ratio).
+
+Measured on SmolLM2-135M layer 3 (W4A4, round-to-nearest weights, layers
+0-2 quantized the same way, 4 × 256 random-zipf training sequences, 4 held
+out, LWC and activation clip, 3 epochs, lr 0.1), held-out MSE of the trained
+layer on quantized inputs against the full-precision layer on them / against
+the full-precision chain: trained on quantized inputs and the float layer's
+outputs on them (this pipeline) 0.529 / 5.013; on full-precision inputs and
+outputs 0.517 / 5.007; on quantized inputs against the full-precision chain
+(OmniQuant's default) 0.546 / 5.005. The three agree to within 3 %, the error
+inherited from earlier layers (5.0) dwarfs what one layer's training changes,
+and only the pipeline's pair needs no second set of activations in memory.
 """
 
 from __future__ import annotations
