@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from quantcompose.attention_quant import AttentionQuantizer, install_attention_quantization, set_attention_quantizer
 from quantcompose.errors import CalibrationError
+from quantcompose.learning.fake_quant import clamp_to_bounds
 from quantcompose.model_scope import apply_model_plan, model_facts, residual_hadamard_plan
 from quantcompose.models import InputPlace, ModelAdapter, get_adapter, get_submodule, set_submodule
 from quantcompose.plugin_manager import StrategyManager, check_plan, get_plugin_manager
@@ -197,6 +198,7 @@ class LayerJob:
     #: Q/K/V quantization of this layer's attention, switched on once its attention is quantized.
     attention_quantizer: AttentionQuantizer | None = None
     attention: nn.Module | None = None
+    progress: bool = True
 
 
 def quantize_layer(job: LayerJob) -> list[dict[str, Any]]:
@@ -323,6 +325,7 @@ def _quantize_group(job: LayerJob, places: list[InputPlace], layer_scope: bool) 
             stats={st.place: st for st in all_stats},
             plans={p.name: plan for p, plan in zip(places, fitted)},
             model=job.facts,
+            progress=job.progress,
         )
         with torch.enable_grad():  # the layer scope may train (the rest of the pipeline runs without grad)
             refined = job.strategy.fit_layer(context, job.options, job.settings)
@@ -410,6 +413,11 @@ def _quantize_place(
     act_spec = plan.act_spec
     search_act = act_spec is not None and plan.search_act_clip
     search_weight = spec is not None and plan.search_weight_clip
+    if plan.weight_clip_rows is not None and plan.search_weight_clip:
+        raise CalibrationError(
+            f"layer {job.index} place {place.name!r}: the plan fixes per-row weight clips (weight_clip_rows) "
+            "and also asks for the weight clip search; a strategy must choose one."
+        )
     hessian_needed = spec is not None and xtx is not None
     # What the weights will see: the transformed calibration activations, read by
     # the activation clip search, the weight clip search and GPTQ's noise term.
@@ -434,11 +442,14 @@ def _quantize_place(
                 # the quantization noise acts as a data-driven damping.
                 noise = fake_quantize(seen, act_spec) - seen
                 hessian = hessian + (noise.T @ noise).double() / noise.shape[0]
-        if search_weight:
-            ratios = search_clip_ratios(stacked, spec, seen.pow(2).mean(dim=0))
+        if plan.weight_clip_rows is not None:
+            range_weight = clamp_to_bounds(stacked, plan.weight_clip_rows, spec)
         else:
-            ratios = torch.full((stacked.shape[0],), spec.clip_ratio, dtype=stacked.dtype)
-        range_weight = clamp_to_ratios(stacked, ratios, spec)
+            if search_weight:
+                ratios = search_clip_ratios(stacked, spec, seen.pow(2).mean(dim=0))
+            else:
+                ratios = torch.full((stacked.shape[0],), spec.clip_ratio, dtype=stacked.dtype)
+            range_weight = clamp_to_ratios(stacked, ratios, spec)
         spec = replace(spec, clip_ratio=1.0)
         q = job.weight_quantizer.quantize(stacked, spec, range_weight=range_weight, hessian=hessian)
         # Each linear owns its pieces: views of one stacked storage cannot be saved (safetensors).
@@ -574,6 +585,7 @@ def quantize_model(
                 facts=facts,
                 attention_quantizer=attention_quantizer,
                 attention=adapter.attention(layer),
+                progress=progress,
             )
             report.places += quantize_layer(job)
             inputs = [(_layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]

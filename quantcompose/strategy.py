@@ -163,7 +163,11 @@ class Plan:
     # ``clip_ratio`` (which is then 1.0). The plan is the only place this is decided.
     search_act_clip: bool = False
     search_weight_clip: bool = False
-
+    # Fixed per-row weight clipping, e.g. frozen from learned clipping
+    # (quantcompose.learning): (rows, groups, 2) lower and upper ratios for the
+    # place's linears stacked in order (one group for a per-channel quantizer).
+    # Exclusive with ``search_weight_clip``; ``weight_spec.clip_ratio`` is then unused.
+    weight_clip_rows: torch.Tensor | None = None
 
 
 
@@ -226,6 +230,7 @@ class LayerContext:
     stats: dict[str, PlaceStats]
     plans: dict[str, Plan]
     model: ModelFacts | None = None
+    progress: bool = True  # whether a strategy that trains may show a progress bar
 
 
 @dataclass(frozen=True)
