@@ -45,6 +45,7 @@ from torch import nn
 
 from quantcompose.errors import QuantComposeError
 from quantcompose.quant import QuantSpec, fake_quantize
+from quantcompose.quant.spec import spec_from_dict, spec_to_dict
 from quantcompose.transforms import Hadamard, Transform, from_state_dict
 
 __all__ = [
@@ -156,9 +157,9 @@ class AttentionQuantizer:
         ``AttentionQuantizer.from_dict(unflatten_state(config, tensors))``.
         """
         return {
-            "q_spec": _spec_dict(self.q_spec),
-            "k_spec": _spec_dict(self.k_spec),
-            "v_spec": _spec_dict(self.v_spec),
+            "q_spec": spec_to_dict(self.q_spec),
+            "k_spec": spec_to_dict(self.k_spec),
+            "v_spec": spec_to_dict(self.v_spec),
             "qk_rotation": None if self.qk_rotation is None else self.qk_rotation.state_dict(),
         }
 
@@ -177,23 +178,15 @@ class AttentionQuantizer:
             )
         rotation = data.get("qk_rotation")
         return cls(
-            _spec_from(data.get("q_spec")),
-            _spec_from(data.get("k_spec")),
-            _spec_from(data.get("v_spec")),
+            spec_from_dict(data.get("q_spec")),
+            spec_from_dict(data.get("k_spec")),
+            spec_from_dict(data.get("v_spec")),
             None if rotation is None else from_state_dict(rotation),
         )
 
 
 def _maybe_quantize(x: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
     return x if spec is None else fake_quantize(x, spec)
-
-
-def _spec_dict(spec: QuantSpec | None) -> dict[str, Any] | None:
-    return None if spec is None else spec.to_dict()
-
-
-def _spec_from(data: Mapping[str, Any] | None) -> QuantSpec | None:
-    return None if data is None else QuantSpec.from_dict(dict(data))
 
 
 def attention_quantizer_of(attention: nn.Module) -> AttentionQuantizer | None:

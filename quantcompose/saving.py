@@ -43,6 +43,7 @@ from quantcompose.errors import (
 from quantcompose.models import set_submodule
 from quantcompose.qlinear import QuantLinear, is_packed, weight_layout
 from quantcompose.quant import QuantSpec
+from quantcompose.quant.spec import spec_to_dict
 from quantcompose.transforms import Transform, flatten_state, from_state_dict, unflatten_state
 
 FORMAT_VERSION = 2
@@ -56,10 +57,6 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
 )}
 #: Manifest sections covered by a checksum (quantized layers and transforms one entry each).
 _SECTIONS = ("model_class", "model_config", "metadata", "files", "tensors", "aliases", "transform_tensors", "attention")
-
-
-def _spec(spec: QuantSpec | None) -> dict[str, Any] | None:
-    return None if spec is None else spec.to_dict()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -143,9 +140,9 @@ def _write_files(model: nn.Module, directory: Path, tokenizer: Any, metadata: di
                 "bias": module.bias is not None,
                 "float_dtype": _dtype_name(module._float_dtype),
                 "packed": module.packed,
-                "act_spec": _spec(module.act_spec),
-                "weight_spec": _spec(module.weight_spec),
-                "output_spec": _spec(module.output_spec),
+                "act_spec": spec_to_dict(module.act_spec),
+                "weight_spec": spec_to_dict(module.weight_spec),
+                "output_spec": spec_to_dict(module.output_spec),
                 "transform": used_by.get(name),
             }
     attention, attention_tensors = _attention_state(model)

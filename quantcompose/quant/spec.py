@@ -134,3 +134,13 @@ class QuantSpec:
             text += f" clip={self.clip_ratio:g}"
         return text
 
+
+
+def spec_to_dict(spec: QuantSpec | None) -> dict[str, Any] | None:
+    """``spec.to_dict()``, with ``None`` (no quantizer) kept as ``None``: the saved form."""
+    return None if spec is None else spec.to_dict()
+
+
+def spec_from_dict(data: Any) -> QuantSpec | None:
+    """Inverse of :func:`spec_to_dict`."""
+    return None if data is None else QuantSpec.from_dict(dict(data))
