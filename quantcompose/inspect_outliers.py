@@ -40,7 +40,7 @@ from quantcompose.models import InputPlace, get_adapter
 from quantcompose.pipeline import capture_first_layer_inputs
 from quantcompose.plugin_manager import StrategyManager, get_plugin_manager
 from quantcompose.strategy import ModelFacts, PlaceStats, QuantSettings
-from quantcompose.transforms import BlockRotation, Compose, Identity, Permutation, Transform
+from quantcompose.transforms import BlockDiagonal, Compose, Identity, Permutation, Transform
 
 __all__ = [
     "BlockBalance",
@@ -265,7 +265,7 @@ def _block_maxima(channel_absmax: torch.Tensor, block_size: int) -> torch.Tensor
 def _block_balance(atoms: list[Transform], steps: list[Step]) -> BlockBalance | None:
     """Per-block maxima around the first permutation, in blocks of the first block rotation's size."""
     where = next((i for i, atom in enumerate(atoms) if isinstance(atom, Permutation)), None)
-    rotation = next((atom for atom in atoms if isinstance(atom, BlockRotation)), None)
+    rotation = next((atom for atom in atoms if isinstance(atom, BlockDiagonal)), None)
     if where is None or rotation is None:
         return None
     size = int(rotation.blocks[0].shape[0])

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from quantcompose.quant import QuantSpec, unpack_int4
-from quantcompose.transforms import BlockRotation, Compose, Hadamard, Permutation, Scale, Transform
+from quantcompose.transforms import BlockDiagonal, Compose, Hadamard, Permutation, Scale, Transform
 
 MAX_KERNEL_BLOCK = 128
 _SLOTS = ("scale", "rot1", "perm", "rot2")
@@ -41,7 +41,7 @@ def transform_to_kernel_args(transform: Transform | None) -> dict[str, Any] | No
             kind, value = "scale", atom.factors
         elif isinstance(atom, Permutation):
             kind, value = "perm", atom.indices
-        elif isinstance(atom, BlockRotation):
+        elif isinstance(atom, BlockDiagonal):
             if max(b.shape[0] for b in atom.blocks) > MAX_KERNEL_BLOCK:
                 return None
             kind, value = "rot", list(atom.blocks)

@@ -27,6 +27,7 @@ from quantcompose.plugin_manager import StrategyManager, check_plan, get_plugin_
 from quantcompose.qlinear import QuantLinear, SharedInput
 from quantcompose.quant import QuantSpec, clamp_to_ratios, fake_quantize, search_act_clip_ratio, search_clip_ratios
 from quantcompose.quant.weight_quantizers import WeightQuantizer, get_weight_quantizer
+from quantcompose.storage import hold_in_storage, round_float_weights, storage_dtype, stored_transform
 from quantcompose.strategy import LayerContext, ModelFacts, ModelPlan, PlaceStats, Plan, QuantSettings, Strategy
 from quantcompose.threads import limited_threads
 from quantcompose.transforms import Compose, Identity, Scale, Transform
@@ -343,10 +344,17 @@ def _quantize_group(job: LayerJob, places: list[InputPlace], layer_scope: bool) 
     # they commute: do all of them on float weights before quantizing any.
     summary: list[dict[str, Any]] = []
     online_of: dict[str, Transform | None] = {}
-    for place, plan in plans:
+    stored_dtype = storage_dtype(job.settings.storage_dtype)
+    for i, (place, plan) in enumerate(plans):
         absorbed, online = split_absorbable(plan.transform, place.absorbable)
         if absorbed is not None:
             _fold_into_previous(job.layer, place, absorbed)
+        if online is not None:
+            # The weights are folded with the inverse of the map that will really run online.
+            stored = stored_transform(online, stored_dtype)
+            if stored is not online:
+                online = stored
+                plans[i] = (place, replace(plan, transform=online if absorbed is None else Compose([absorbed, online])))
         online_of[place.name] = online
         summary.append({"layer": job.index, "place": place.name, **_describe(plan, online, absorbed)})
 
@@ -557,6 +565,8 @@ def quantize_model(
     if plan is not None:
         apply_model_plan(adapter, plan)
         report.model_plan = _describe_model_plan(plan)
+    # After the model plan (which may rotate the embeddings), before calibration sees them.
+    round_float_weights(adapter.embedding(), adapter.lm_head(), storage_dtype(settings.storage_dtype))
     layers = adapter.layers()
     attention_quantizer = _attention_quantizer(settings, plan)
     if attention_quantizer is not None:
@@ -592,6 +602,7 @@ def quantize_model(
             for module in layer.modules():  # free the last batch the siblings shared
                 if isinstance(module, QuantLinear) and module.shared_input is not None:
                     module.shared_input.clear()
+    hold_in_storage(model)
     report.seconds = time.perf_counter() - start
     return report
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,7 @@ from quantcompose.errors import ShapeError
 from quantcompose.quant import QuantSpec, dequantize, fake_quantize, pack_int4, quantize, unpack_int4
 from quantcompose.quant.functional import QuantizedTensor
 from quantcompose.transforms import Identity, Transform
+from quantcompose.transforms.serialize import state_tensors
 
 
 def is_packed(spec: QuantSpec, in_features: int) -> bool:
@@ -50,18 +51,6 @@ def weight_layout(
 _CASTS: dict[int, tuple[weakref.ref, dict[tuple[Any, Any], Transform]]] = {}
 
 
-def _tensors(node: Any) -> Iterator[torch.Tensor]:
-    """Every tensor in a (nested) transform state dict."""
-    if isinstance(node, torch.Tensor):
-        yield node
-    elif isinstance(node, dict):
-        for value in node.values():
-            yield from _tensors(value)
-    elif isinstance(node, (list, tuple)):
-        for value in node:
-            yield from _tensors(value)
-
-
 def shared_cast(
     transform: Transform, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> Transform:
@@ -69,7 +58,7 @@ def shared_cast(
 
     Returns ``transform`` itself when it already has that dtype and device.
     """
-    tensors = list(_tensors(transform.state_dict()))
+    tensors = list(state_tensors(transform.state_dict()))
     needs_dtype = dtype is not None and any(t.is_floating_point() and t.dtype != dtype for t in tensors)
     needs_device = device is not None and any(t.device != torch.device(device) for t in tensors)
     if not needs_dtype and not needs_device:
@@ -190,18 +179,21 @@ class QuantLinear(nn.Module):
             )
         if isinstance(transform, Identity):
             transform = None
-        # Cast once, here: the reference path computes in the activation's dtype
-        # anyway (float32 for float32 and half layers, float64 only for float64
-        # ones), and a saved model then stores exactly what runs.
-        transform_dtype = torch.float64 if float_dtype == torch.float64 else torch.float32
-        self.transform = None if transform is None else shared_cast(transform, dtype=transform_dtype)
+        # Cast once, here, and only float64 tensors (to float32; everything to float64
+        # in a float64 layer): the reference path computes in the activation's dtype
+        # anyway, a transform the pipeline rounded to a 16-bit storage dtype
+        # (quantcompose.storage) stays that small, and a saved model stores exactly what runs.
+        if transform is not None and (float_dtype == torch.float64 or any(
+            t.dtype == torch.float64 for t in state_tensors(transform.state_dict())
+        )):
+            transform = shared_cast(transform, dtype=torch.float64 if float_dtype == torch.float64 else torch.float32)
+        self.transform = transform
         self.act_spec = act_spec
         self.weight_spec = weight_spec
         # Fake-quantizes the output (K/V cache quantization on k_proj / v_proj).
         self.output_spec = output_spec
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self._float_dtype = float_dtype
-        self._weight_cache: torch.Tensor | None = None
         # "auto": Triton kernels on CUDA, PyTorch reference elsewhere; "always":
         # kernels wherever Triton runs (the CPU interpreter too); "never".
         self.kernels = "auto"
@@ -219,22 +211,24 @@ class QuantLinear(nn.Module):
         return self.weight_codes
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The float weight the layer multiplies by (cached; rebuilt after moves)."""
+        """The float weight the layer multiplies by, de-quantized from the codes on every call.
+
+        Nothing is cached: a model keeps only its codes between forward passes
+        (a cache of every layer's float weight was 2.5× the model's own size),
+        and one layer's weight exists only while that layer runs.
+        """
         if self.weight_spec is None:
             return self.weight
-        if self._weight_cache is None or self._weight_cache.device != self.weight_codes.device:
-            q = QuantizedTensor(
-                codes=self._codes(),
-                scale=self.weight_scale,
-                zero_point=self.weight_zero,
-                spec=self.weight_spec,
-                shape=torch.Size((self.out_features, self.in_features)),
-            )
-            self._weight_cache = dequantize(q).reshape(self.out_features, self.in_features).to(self._float_dtype)
-        return self._weight_cache
+        q = QuantizedTensor(
+            codes=self._codes(),
+            scale=self.weight_scale,
+            zero_point=self.weight_zero,
+            spec=self.weight_spec,
+            shape=torch.Size((self.out_features, self.in_features)),
+        )
+        return dequantize(q).reshape(self.out_features, self.in_features).to(self._float_dtype)
 
-    def _apply(self, fn, recurse=True):  # drop the caches on .to()/.half()/.cuda()
-        self._weight_cache = None
+    def _apply(self, fn, recurse=True):  # drop the kernel operands on .to()/.half()/.cuda()
         self._kernel_state = self._kernel_state_device = None
         result = super()._apply(fn, recurse)
         reference = next(iter([*self.parameters(), *self.buffers()]), None)

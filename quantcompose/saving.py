@@ -44,6 +44,7 @@ from quantcompose.models import set_submodule
 from quantcompose.qlinear import QuantLinear, is_packed, weight_layout
 from quantcompose.quant import QuantSpec
 from quantcompose.quant.spec import spec_to_dict
+from quantcompose.storage import hold_in_storage, narrowest_exact
 from quantcompose.transforms import Transform, flatten_state, from_state_dict, unflatten_state
 
 FORMAT_VERSION = 2
@@ -91,13 +92,17 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
+    # A quantized layer's tensors keep the dtypes its manifest entry states.
+    quantized = {name for name, module in model.named_modules() if isinstance(module, QuantLinear)}
     for name, tensor in model.state_dict().items():
         key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
         if tensor.numel() and key in seen:
             aliases[name] = seen[key]
             continue
         seen[key] = name
-        tensors[name] = tensor.detach().cpu().contiguous()
+        tensor = tensor.detach().cpu().contiguous()
+        # Float16-exact values (quantcompose/storage.py) take half the bytes and reload bit for bit.
+        tensors[name] = tensor if name.rsplit(".", 1)[0] in quantized else narrowest_exact(tensor)
     return tensors, aliases
 
 
@@ -497,7 +502,10 @@ def _new_model(source: Path, manifest: dict[str, Any]) -> nn.Module:
     try:
         hf_config = AutoConfig.for_model(model_config.pop("model_type"), **model_config)
         with no_init_weights():
-            return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+        # The skeleton comes untied; a tied model must hold one table, not two copies of it.
+        model.tie_weights()
+        return model
     except (KeyError, ValueError, TypeError) as exc:
         raise _fail(source, CONFIG_NAME, f"field model_config does not describe a model transformers can build "
                     f"({type(exc).__name__}: {exc})") from None
@@ -548,6 +556,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     except RuntimeError as exc:
         raise _fail(source, WEIGHTS_NAME, f"its tensors do not fit the model ({exc})") from None
     _restore_attention(source, model, manifest.get("attention"), transform_tensors)
+    hold_in_storage(model)
     model.eval().to(device)
     tokenizer = None
     if _tokenizer_files_present(manifest):

@@ -58,8 +58,15 @@ class QuantSettings:
     # before any other strategy's transforms: QuaRot's model scope, composed
     # with whichever place-scope strategy is chosen.
     residual_rotation: bool = False
+    # The precision the quantized model keeps its embeddings and online
+    # transforms in (quantcompose/storage.py): "float16" by default, as every
+    # deployed checkpoint keeps its float parts; "float32" keeps them as computed.
+    storage_dtype: str = "float16"
 
     def __post_init__(self) -> None:
+        from quantcompose.storage import storage_dtype
+
+        storage_dtype(self.storage_dtype)
         for name in ("wbits", "abits"):
             value = getattr(self, name)
             if not isinstance(value, int) or not (2 <= value <= 16):

@@ -102,7 +102,7 @@ def test_layer_scope_gets_full_precision_outputs_and_its_plans_are_exact_at_16_b
         before = model(tokens).logits
     strategy = LearnedDownScale()
     # 16-bit run: the learned transform is still folded in, so the model must be unchanged.
-    quantize_model(model, calib, strategy.name, QuantSettings(wbits=16, abits=16), manager=_manager(strategy),
+    quantize_model(model, calib, strategy.name, QuantSettings(wbits=16, abits=16, storage_dtype="float32"), manager=_manager(strategy),
                    progress=False)
     with torch.no_grad():
         torch.testing.assert_close(model(tokens).logits, before, rtol=1e-9, atol=1e-9)

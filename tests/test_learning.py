@@ -272,7 +272,7 @@ def test_omniquant_at_16_bits_leaves_the_logits_unchanged_and_at_w4a4_runs_end_t
     with torch.no_grad():
         before = model(tokens).logits
     calib = torch.randint(0, 128, (3, 16))
-    quantize_model(model, calib, "omniquant", QuantSettings(wbits=16, abits=16), manager=_manager(), progress=False)
+    quantize_model(model, calib, "omniquant", QuantSettings(wbits=16, abits=16, storage_dtype="float32"), manager=_manager(), progress=False)
     with torch.no_grad():
         torch.testing.assert_close(model(tokens).logits, before, rtol=1e-9, atol=1e-9)
 
@@ -312,7 +312,7 @@ def test_omniquant_trained_scales_folded_at_16_bits_leave_the_logits_unchanged()
     manager = StrategyManager(load_entry_points=False)
     manager.register(_Plugin(strategy))
     report = quantize_model(model, torch.randint(0, 128, (4, 16)), strategy.name,
-                            QuantSettings(wbits=16, abits=16), {"epochs": 2, "let_lr": 0.05},
+                            QuantSettings(wbits=16, abits=16, storage_dtype="float32"), {"epochs": 2, "let_lr": 0.05},
                             manager=manager, progress=False)
     assert len(strategy.changed) >= 4 and min(strategy.changed) > 1e-3  # the scales did train
     assert {p["folded"] for p in report.places} >= {"Scale"}

@@ -87,7 +87,7 @@ def test_quarot_runs_online_transforms_only_before_down_proj_and_o_proj():
 def test_residual_rotation_composes_with_any_place_strategy_and_is_seeded():
     def run(seed):
         model = tiny_llama().double()
-        settings = QuantSettings(wbits=16, abits=16, residual_rotation=True, seed=seed)
+        settings = QuantSettings(wbits=16, abits=16, storage_dtype="float32", residual_rotation=True, seed=seed)
         report = quantize_model(model, torch.randint(0, 128, (2, 16)), "duquant", settings,
                                 {"block_size": 32, "steps": 2}, progress=False)
         return model.model.embed_tokens.weight.clone(), report

@@ -59,7 +59,7 @@ def test_folding_a_random_composition_is_exact(kv_heads):
     tokens = torch.randint(0, 128, (2, 24))
     before = _logits(model, tokens)
     calib = torch.randint(0, 128, (3, 16))
-    report = quantize_model(model, calib, "random-composition", QuantSettings(wbits=16, abits=16),
+    report = quantize_model(model, calib, "random-composition", QuantSettings(wbits=16, abits=16, storage_dtype="float32"),
                             manager=_manager(), progress=False)
     assert count_quantized(model) == 2 * 7
     after = _logits(model, tokens)
@@ -156,7 +156,7 @@ def test_true_sequential_folding_stays_exact():
     tokens = torch.randint(0, 128, (2, 24))
     before = _logits(model, tokens)
     calib = torch.randint(0, 128, (3, 16))
-    quantize_model(model, calib, "random-composition", QuantSettings(wbits=16, abits=16, true_sequential=True),
+    quantize_model(model, calib, "random-composition", QuantSettings(wbits=16, abits=16, storage_dtype="float32", true_sequential=True),
                    manager=_manager(), progress=False)
     torch.testing.assert_close(_logits(model, tokens), before, rtol=1e-9, atol=1e-9)
 
@@ -265,7 +265,7 @@ def test_every_installed_strategy_folds_exactly_on_a_toy_llama(method, residual_
     tokens = torch.randint(0, 128, (2, 24))
     before = _logits(model, tokens)
     options = {"block_size": 32, "steps": 4} if method == "duquant" else {}
-    settings = QuantSettings(wbits=16, abits=16, residual_rotation=residual_rotation)
+    settings = QuantSettings(wbits=16, abits=16, storage_dtype="float32", residual_rotation=residual_rotation)
     quantize_model(model, torch.randint(0, 128, (3, 16)), method, settings, options, progress=False)
     torch.testing.assert_close(_logits(model, tokens), before, **_fold_tolerance(method, settings))
 
@@ -279,7 +279,7 @@ def test_every_strategy_is_exact_on_every_toy_architecture(method, arch, tied):
     tokens = torch.randint(0, 128, (2, 20))
     before = _logits(model, tokens)
     options = {"block_size": 32, "steps": 2} if method == "duquant" else {}
-    settings = QuantSettings(wbits=16, abits=16)
+    settings = QuantSettings(wbits=16, abits=16, storage_dtype="float32")
     quantize_model(model, torch.randint(0, 128, (2, 16)), method, settings, options, progress=False)
     torch.testing.assert_close(_logits(model, tokens), before, **_fold_tolerance(method, settings))
 

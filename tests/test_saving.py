@@ -82,7 +82,8 @@ def test_round_trip_w4a8(tmp_path):
     assert torch.equal(_logits(load_quantized(tmp_path / "m")[0], tokens), _logits(model, tokens))
 
 
-def test_siblings_share_one_float32_transform_in_memory_on_disk_and_after_loading(w4a4, saved):
+def test_siblings_share_one_float16_transform_in_memory_on_disk_and_after_loading(w4a4, saved):
+    # float16: the default QuantSettings.storage_dtype (quantcompose/storage.py).
     attn = w4a4.model.layers[0].self_attn
     assert attn.q_proj.transform is not None
     assert attn.q_proj.transform is attn.k_proj.transform is attn.v_proj.transform
@@ -92,9 +93,10 @@ def test_siblings_share_one_float32_transform_in_memory_on_disk_and_after_loadin
     assert len(ids) == 1 and None not in ids
     distinct = {id(m.transform) for m in w4a4.modules() if isinstance(m, QuantLinear) and m.transform is not None}
     assert len(manifest["transforms"]) == len(distinct) < sum(1 for v in layers.values() if v["transform"])
-    assert {d["dtype"] for d in manifest["transform_tensors"].values() if d["dtype"] != "int64"} == {"float32"}
+    assert {d["dtype"] for d in manifest["transform_tensors"].values() if d["dtype"] != "int64"} == {"float16"}
     loaded = load_quantized(saved)[0].model.layers[0].self_attn
     assert loaded.q_proj.transform is loaded.k_proj.transform is loaded.v_proj.transform
+    assert loaded.q_proj.transform == attn.q_proj.transform
 
 
 def test_loading_quantizes_nothing(saved, monkeypatch):

@@ -25,7 +25,7 @@ from quantcompose.transforms.hadamard_matrices import (
 from quantcompose.transforms.identity import Identity
 from quantcompose.transforms.kronecker import Kronecker, kronecker_apply, max_condition
 from quantcompose.transforms.permutation import Permutation
-from quantcompose.transforms.rotation import BlockRotation, random_orthogonal
+from quantcompose.transforms.rotation import BlockDiagonal, BlockLinear, BlockRotation, random_orthogonal
 from quantcompose.transforms.scale import Scale
 from quantcompose.transforms.serialize import flatten_state, from_state_dict, unflatten_state
 
@@ -35,6 +35,8 @@ __all__ = [
     "Scale",
     "Permutation",
     "BlockRotation",
+    "BlockLinear",
+    "BlockDiagonal",
     "Hadamard",
     "Kronecker",
     "Compose",

@@ -9,7 +9,7 @@ import torch
 
 from quantcompose.errors import TransformError
 from quantcompose.transforms._util import orthogonality_tolerance
-from quantcompose.transforms.base import Transform, cast_like
+from quantcompose.transforms.base import TRANSFORM_REGISTRY, Transform, cast_like
 
 
 @dataclass(frozen=True)
@@ -98,12 +98,13 @@ def _check_orthogonal(blocks: list[tuple[int, torch.Tensor]]) -> None:
         )
 
 
-class BlockRotation(Transform):
-    """A block-diagonal orthogonal map: square ``blocks`` along the diagonal.
+class BlockDiagonal(Transform):
+    """Square ``blocks`` along the diagonal: what :class:`BlockRotation` and :class:`BlockLinear` share.
 
     Block sizes may differ; typically all are ``b`` and the last is shorter
     (e.g. width 576 = 4×128 + 64). ``forward`` reshapes each run of equal-size
-    blocks to ``(..., count, b)`` and applies one batched matmul.
+    blocks to ``(..., count, b)`` and applies one batched matmul. Subclasses
+    say what the blocks must satisfy (``_check_blocks``) and how to invert them.
     """
 
     blocks: list[torch.Tensor]
@@ -118,16 +119,21 @@ class BlockRotation(Transform):
         self._segments = _segments(blocks)
         self._freeze()
 
-    @staticmethod
-    def _validated(blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    @classmethod
+    def _check_blocks(cls, blocks: list[tuple[int, torch.Tensor]]) -> None:
+        """Raise a TransformError for a block that breaks the subclass's contract."""
+
+    @classmethod
+    def _validated(cls, blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        name = cls.__name__
         if isinstance(blocks, torch.Tensor):
             raise TransformError(
-                "BlockRotation takes a sequence of square blocks; for one matrix repeated along the "
-                "diagonal use BlockRotation.uniform(matrix, size)."
+                f"{name} takes a sequence of square blocks; for one matrix repeated along the "
+                f"diagonal use {name}.uniform(matrix, size)."
             )
         blocks = list(blocks)
         if not blocks:
-            raise TransformError("BlockRotation needs at least one block.")
+            raise TransformError(f"{name} needs at least one block.")
         out: list[torch.Tensor] = []
         seen: dict[int, torch.Tensor] = {}  # id(original) -> converted, so shared blocks stay shared
         unique: list[tuple[int, torch.Tensor]] = []
@@ -148,31 +154,32 @@ class BlockRotation(Transform):
             seen[id(b)] = t
             unique.append((i, t))
             out.append(t)
-        _check_orthogonal(unique)
+        cls._check_blocks(unique)
         return out
 
     @classmethod
-    def _trusted(cls, blocks: list[torch.Tensor]) -> "BlockRotation":
+    def _trusted(cls, blocks: list[torch.Tensor]):
         obj = cls.__new__(cls)
         obj._init(blocks)
         return obj
 
     @classmethod
-    def uniform(cls, matrix: torch.Tensor, size: int, tail: torch.Tensor | None = None) -> "BlockRotation":
+    def uniform(cls, matrix: torch.Tensor, size: int, tail: torch.Tensor | None = None):
         """``matrix`` repeated along the diagonal of a width-``size`` map.
 
         When ``size`` is not a multiple of the block size the remaining channels
-        get ``tail`` (a square orthogonal matrix of that size) or the identity.
+        get ``tail`` (a square matrix of that size) or the identity.
         """
+        name = cls.__name__
         if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
-            raise TransformError(f"BlockRotation.uniform needs a square matrix, got {getattr(matrix, 'shape', matrix)}.")
+            raise TransformError(f"{name}.uniform needs a square matrix, got {getattr(matrix, 'shape', matrix)}.")
         b = matrix.shape[0]
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise TransformError(f"BlockRotation.uniform: size must be a positive int, got {size!r}.")
+            raise TransformError(f"{name}.uniform: size must be a positive int, got {size!r}.")
         full, rem = divmod(size, b)
         if tail is not None and (not isinstance(tail, torch.Tensor) or tuple(tail.shape) != (rem, rem) or rem == 0):
             raise TransformError(
-                f"BlockRotation.uniform: width {size} with blocks of {b} leaves a tail of {rem} channels, "
+                f"{name}.uniform: width {size} with blocks of {b} leaves a tail of {rem} channels, "
                 f"so tail must be a {rem}×{rem} matrix" + (" (or None)" if rem else "; pass tail=None")
                 + f", got {tuple(tail.shape) if isinstance(tail, torch.Tensor) else tail!r}."
             )
@@ -181,6 +188,68 @@ class BlockRotation(Transform):
             dtype = matrix.dtype if matrix.is_floating_point() else torch.float64
             blocks.append(tail if tail is not None else torch.eye(rem, dtype=dtype, device=matrix.device))
         return cls(blocks)
+
+    # ------------------------------------------------------------------ application
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for seg in self._segments:
+            xs = x[..., seg.start : seg.start + seg.count * seg.block]
+            xs = xs.reshape(*x.shape[:-1], seg.count, seg.block)
+            m = cast_like(seg.matrix, x)
+            if seg.shared:
+                ys = xs @ m
+            else:
+                # (..., k, b) × (k, b, c) -> (..., k, c): block k multiplies channel group k.
+                ys = torch.einsum("...kb,kbc->...kc", xs, m)
+            outs.append(ys.reshape(*x.shape[:-1], seg.count * seg.block))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+    def _map_blocks(self, fn) -> list[torch.Tensor]:
+        """``fn`` of each block, computed once per distinct block so shared blocks stay shared."""
+        done: dict[int, torch.Tensor] = {}
+        out = []
+        for b in self.blocks:
+            if id(b) not in done:
+                done[id(b)] = fn(b)
+            out.append(done[id(b)])
+        return out
+
+    @property
+    def is_diagonal(self) -> bool:
+        return all(bool((b == torch.diag(torch.diagonal(b))).all()) for b in self.blocks)
+
+    @property
+    def block_sizes(self) -> list[int]:
+        """The size of each diagonal block, in order."""
+        return [b.shape[0] for b in self.blocks]
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        out = self._map_blocks(lambda b: b.to(device=device, dtype=dtype))
+        if dtype is None or all(b.dtype == dtype for b in self.blocks):
+            return type(self)._trusted(out)  # same values, only moved: the contract still holds
+        # Re-validate: casting to a low precision may break the contract (orthogonality) beyond tolerance.
+        return type(self)(out)
+
+    def state_dict(self) -> dict[str, Any]:
+        # Shared blocks appear as the same tensor object; flatten_state stores them once.
+        return {"type": type(self).__name__, "blocks": list(self.blocks)}
+
+    @classmethod
+    def _from_state(cls, state: dict[str, Any]):
+        return cls(state["blocks"])
+
+    def __repr__(self) -> str:
+        sizes = self.block_sizes
+        desc = f"{len(sizes)} blocks of {sizes[0]}" if len(set(sizes)) == 1 else f"blocks {sizes}"
+        return f"{type(self).__name__}(size={self.size}, {desc}, dtype={self.blocks[0].dtype})"
+
+
+class BlockRotation(BlockDiagonal):
+    """A block-diagonal orthogonal map: square orthogonal ``blocks`` along the diagonal."""
+
+    @classmethod
+    def _check_blocks(cls, blocks: list[tuple[int, torch.Tensor]]) -> None:
+        _check_orthogonal(blocks)
 
     @classmethod
     def random(
@@ -202,65 +271,49 @@ class BlockRotation(Transform):
             blocks.append(random_orthogonal(rem, generator, dtype))
         return cls._trusted(blocks)
 
-    # ------------------------------------------------------------------ application
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = []
-        for seg in self._segments:
-            xs = x[..., seg.start : seg.start + seg.count * seg.block]
-            xs = xs.reshape(*x.shape[:-1], seg.count, seg.block)
-            m = cast_like(seg.matrix, x)
-            if seg.shared:
-                ys = xs @ m
-            else:
-                # (..., k, b) × (k, b, c) -> (..., k, c): block k multiplies channel group k.
-                ys = torch.einsum("...kb,kbc->...kc", xs, m)
-            outs.append(ys.reshape(*x.shape[:-1], seg.count * seg.block))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-
     def _make_inverse(self) -> "BlockRotation":
-        # Orthogonal blocks: the inverse is the block-wise transpose. Keep shared blocks shared.
-        transposed: dict[int, torch.Tensor] = {}
-        out = []
-        for b in self.blocks:
-            if id(b) not in transposed:
-                transposed[id(b)] = b.T.contiguous()
-            out.append(transposed[id(b)])
-        return BlockRotation._trusted(out)
+        # Orthogonal blocks: the inverse is the block-wise transpose.
+        return BlockRotation._trusted(self._map_blocks(lambda b: b.T.contiguous()))
 
     @property
     def is_orthogonal(self) -> bool:
         return True
 
-    @property
-    def is_diagonal(self) -> bool:
-        return all(bool((b == torch.diag(torch.diagonal(b))).all()) for b in self.blocks)
 
-    @property
-    def block_sizes(self) -> list[int]:
-        """The size of each diagonal block, in order."""
-        return [b.shape[0] for b in self.blocks]
+class BlockLinear(BlockDiagonal):
+    """A block-diagonal invertible map whose blocks need not be orthogonal.
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "BlockRotation":
-        moved: dict[int, torch.Tensor] = {}
-        out = []
-        for b in self.blocks:
-            if id(b) not in moved:
-                moved[id(b)] = b.to(device=device, dtype=dtype)
-            out.append(moved[id(b)])
-        if dtype is None or all(b.dtype == dtype for b in self.blocks):
-            return BlockRotation._trusted(out)  # same values, only moved: still orthogonal
-        # Re-validate: casting to a low precision may break orthogonality beyond tolerance.
-        return BlockRotation(out)
-
-    def state_dict(self) -> dict[str, Any]:
-        # Shared blocks appear as the same tensor object; flatten_state stores them once.
-        return {"type": "BlockRotation", "blocks": list(self.blocks)}
+    What a :class:`BlockRotation` becomes once its blocks are rounded to a
+    16-bit storage dtype (``quantcompose.storage``): the rounded blocks are
+    no longer exactly orthogonal, so the inverse is computed, block by block
+    in float64, instead of transposed, and a weight folded with it stays
+    exact for the map that really runs.
+    """
 
     @classmethod
-    def _from_state(cls, state: dict[str, Any]) -> "BlockRotation":
-        return cls(state["blocks"])
+    def _check_blocks(cls, blocks: list[tuple[int, torch.Tensor]]) -> None:
+        for i, b in blocks:
+            if not bool(torch.isfinite(b).all()):
+                raise TransformError(f"BlockLinear block {i} ({b.shape[0]}×{b.shape[0]}) has NaN or inf entries.")
 
-    def __repr__(self) -> str:
-        sizes = self.block_sizes
-        desc = f"{len(sizes)} blocks of {sizes[0]}" if len(set(sizes)) == 1 else f"blocks {sizes}"
-        return f"BlockRotation(size={self.size}, {desc}, dtype={self.blocks[0].dtype})"
+    def _make_inverse(self) -> "BlockLinear":
+        def invert(b: torch.Tensor) -> torch.Tensor:
+            inverse = torch.linalg.inv_ex(b.to(torch.float64))
+            if int(inverse.info) != 0 or not bool(torch.isfinite(inverse.inverse).all()):
+                raise TransformError(
+                    f"BlockLinear has a singular {b.shape[0]}×{b.shape[0]} block: the map is not invertible."
+                )
+            return inverse.inverse.contiguous()
+
+        return BlockLinear._trusted(self._map_blocks(invert))
+
+    def _make_transpose(self) -> "BlockLinear":
+        return BlockLinear._trusted(self._map_blocks(lambda b: b.T.contiguous()))
+
+    @property
+    def is_orthogonal(self) -> bool:
+        return False
+
+
+# The shared base is not a transform one can save or load by itself.
+TRANSFORM_REGISTRY.pop("BlockDiagonal", None)

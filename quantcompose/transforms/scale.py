@@ -39,6 +39,10 @@ class Scale(Transform):
         return x * cast_like(self.factors, x)
 
     def _make_inverse(self) -> "Scale":
+        if self.factors.dtype in (torch.float16, torch.bfloat16):
+            # 16-bit factors are a storage form (quantcompose.storage): the weight is folded
+            # with this inverse, which must be exact for the rounded factors, not rounded again.
+            return Scale(1.0 / self.factors.to(torch.float64))
         return Scale(1.0 / self.factors)
 
     @property

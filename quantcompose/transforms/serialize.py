@@ -10,7 +10,7 @@ next to a safetensors file::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -33,6 +33,18 @@ def from_state_dict(state: dict[str, Any]) -> Transform:
         known = ", ".join(sorted(TRANSFORM_REGISTRY))
         raise TransformError(f"Unknown transform type {state['type']!r}; known types: {known}.")
     return cls._from_state(state)
+
+
+def state_tensors(node: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a (nested) transform state dict, in order."""
+    if isinstance(node, torch.Tensor):
+        yield node
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from state_tensors(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            yield from state_tensors(value)
 
 
 def flatten_state(state: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
