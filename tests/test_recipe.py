@@ -273,3 +273,12 @@ def test_a_bad_recipe_is_one_line_and_exit_code_2(tmp_path, capsys, monkeypatch)
     path.write_text('method = "nosuch"\n')
     assert cli.main(["quantize", "--recipe", str(path)]) == 2
     assert "recipe key method: unknown method 'nosuch'" in capsys.readouterr().err
+
+
+def test_the_shipped_example_recipe_resolves():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "duquant-w4a4.toml"
+    recipe = load_recipe(path).resolve()
+    assert recipe.method == "duquant" and (recipe.wbits, recipe.abits) == (4, 4)
+    assert recipe.targets == (TargetRule(match=(r"re:model\.layers\.0\..*",), wbits=8, abits=8),)
