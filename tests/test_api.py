@@ -87,6 +87,19 @@ def test_lm_head_is_quantized_when_asked_and_survives_saving(tmp_path):
     assert torch.equal(loaded(tokens).logits, logits)
 
 
+@pytest.mark.parametrize("method", ["smoothquant", "duquant", "quarot-online"])
+def test_the_heads_transform_is_exact_at_16_bits(method):
+    model = tiny_llama().double()
+    tokens = torch.randint(0, 128, (2, 12))
+    before = model(tokens).logits
+    options = {"block_size": 32, "steps": 2} if method == "duquant" else {}
+    quantcompose.quantize(model, recipe={"method": method, "wbits": 16, "abits": 16, "ignore": [],
+                                         "options": options, "calibration": {"nsamples": 2, "seqlen": 16}},
+                          progress=False)
+    assert isinstance(model.lm_head, QuantLinear)
+    torch.testing.assert_close(model(tokens).logits, before, rtol=0, atol=1e-9)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_models_are_quantized_in_their_dtype(dtype):
     model = tiny_llama().to(dtype)
