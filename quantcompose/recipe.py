@@ -33,6 +33,8 @@ _DEFAULT_SETTINGS = QuantSettings()
 RECIPE_SUFFIXES = (".toml", ".yaml", ".yml", ".json")
 #: The prefix of a target or ignore entry that is a regular expression (matched against the whole name).
 REGEX_PREFIX = "re:"
+#: The file a saved model's resolved recipe is written to (see quantcompose.saving).
+SAVED_RECIPE_NAME = "recipe.toml"
 #: How a recipe records calibration tokens passed in from Python: this prefix and their sha256.
 TOKENS_PREFIX = "tokens:sha256:"
 
@@ -357,7 +359,10 @@ def _parse_file(path: Path) -> Any:
 
 
 def load_recipe(source: "Recipe | Mapping[str, Any] | str | os.PathLike[str] | None") -> Recipe:
-    """A :class:`Recipe` from a recipe, a dict, or the path of a TOML / YAML / JSON file (``None``: defaults)."""
+    """A :class:`Recipe` from a recipe, a dict, or the path of a TOML / YAML / JSON file (``None``: defaults).
+
+    The folder of a saved model stands for the ``recipe.toml`` in it.
+    """
     if source is None:
         return Recipe()
     if isinstance(source, Recipe):
@@ -366,6 +371,8 @@ def load_recipe(source: "Recipe | Mapping[str, Any] | str | os.PathLike[str] | N
         return Recipe.from_dict(source)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
+        if path.is_dir() and (path / SAVED_RECIPE_NAME).is_file():
+            path = path / SAVED_RECIPE_NAME  # a saved model's folder: the recipe beside it
         data = _parse_file(path)
         try:
             return Recipe.from_dict({} if data is None else data)

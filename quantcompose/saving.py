@@ -45,6 +45,7 @@ from quantcompose.models import set_submodule
 from quantcompose.qlinear import QuantLinear, is_packed, weight_layout
 from quantcompose.quant import QuantSpec
 from quantcompose.quant.spec import spec_to_dict
+from quantcompose.recipe import SAVED_RECIPE_NAME
 from quantcompose.transforms import Transform, flatten_state, from_state_dict, unflatten_state
 
 FORMAT_VERSION = 2
@@ -52,7 +53,7 @@ CONFIG_NAME = "quantcompose.json"
 WEIGHTS_NAME = "model.safetensors"
 TRANSFORMS_NAME = "transforms.safetensors"
 #: The resolved recipe beside the model (listed in the manifest and checked like every file).
-RECIPE_NAME = "recipe.toml"
+RECIPE_NAME = SAVED_RECIPE_NAME
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float64, torch.float32, torch.float16, torch.bfloat16,

@@ -192,6 +192,7 @@ def test_the_saved_recipe_reproduces_the_model_through_the_cli(tmp_path, monkeyp
         assert torch.equal(first_state[key], again_state[key]), key
     tokens = torch.randint(0, 128, (1, 12))
     assert torch.equal(loaded(tokens).logits, again(tokens).logits)
+    assert quantcompose.load_recipe(tmp_path / "first") == report.recipe  # the folder stands for its recipe
     rerun = Recipe.from_dict(parse_toml((tmp_path / "again" / RECIPE_NAME).read_text(), "recipe"))
     assert rerun == Recipe.from_dict({**report.recipe.to_dict(), "model": "smollm2-135m"})
 
