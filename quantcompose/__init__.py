@@ -20,6 +20,9 @@ _LAZY = {
     "Option": "quantcompose.strategy",
     "get_plugin_manager": "quantcompose.plugin_manager",
     "hookimpl": "quantcompose.hookspecs",
+    "quantize": "quantcompose.api",
+    "Recipe": "quantcompose.recipe",
+    "load_recipe": "quantcompose.recipe",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--residual-rotation", action=argparse.BooleanOptionalAction, default=defaults.residual_rotation,
                    help="rotate the residual stream with a randomized Hadamard (fused norms) before the "
                         "method's own transforms, as QuaRot does (default: %(default)s)")
+    q.add_argument("--storage-dtype", choices=("float16", "bfloat16", "float32"), default=defaults.storage_dtype,
+                   help="precision of the embeddings and online transforms the quantized model keeps; the "
+                        "weights are folded exactly for the rounded transforms (default: %(default)s)")
     q.add_argument("--calib", default="random-zipf",
                    help="calibration data: 'random-zipf' (default: random tokens with a Zipf prior over token ids), "
                         "'random' (uniform random tokens), a text file path, or 'wikitext2' (datasets)")
@@ -79,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-fp", action="store_true", help="skip the full-precision evaluation")
     q.add_argument("--save", default=None, metavar="DIR", help="save the quantized model to DIR")
     q.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    from quantcompose.recipe_cli import add_recipe_argument
+
+    add_recipe_argument(q)  # after every flag a recipe can set
 
     e = sub.add_parser("eval", help="perplexity of a model or of a saved quantized model")
     _add_model_args(e)
@@ -199,23 +205,16 @@ def _print_table(rows: list[tuple[str, str, str]]) -> None:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
-    from quantcompose.data import calibration_tokens
+    from quantcompose.api import prepare_quantization
     from quantcompose.evaluate import perplexity
-    from quantcompose.pipeline import quantize_model
     from quantcompose.plugin_manager import get_plugin_manager
-    from quantcompose.strategy import QuantSettings
+    from quantcompose.recipe_cli import recipe_from_args
 
-    _check_quantize_args(args)
-    settings = QuantSettings(
-        wbits=args.wbits, abits=args.abits, weight_symmetric=args.weight_sym, act_symmetric=args.act_sym,
-        weight_group_size=args.group_size, qkv_bits=args.qkv_bits, seed=args.seed,
-        weight_clip_search=not args.no_clip_search, weight_quantizer=args.weight_quantizer,
-        act_clip_search=args.act_clip_search, true_sequential=args.true_sequential,
-        residual_rotation=args.residual_rotation,
-    )
+    # The recipe (--recipe, or the defaults) with the flags given winning; args then hold what will run.
+    recipe = recipe_from_args(args, _parse_options, _check_quantize_args)
     manager = get_plugin_manager()
-    # Options are checked against the settings before anything is loaded.
-    options = manager.resolve(args.method, _parse_options(args.opt), settings)
+    # The method, its options and the bits are checked before anything is loaded.
+    recipe = recipe.resolve(manager)
     torch.manual_seed(args.seed)
     model, tokenizer = _load(args.model)
     from quantcompose.models import get_adapter
@@ -223,14 +222,15 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     get_adapter(model)  # an architecture with no adapter fails before any evaluation or calibration
     eval_tokens = _eval_tokens(args, tokenizer)
     _check_against_model(args, model, eval_tokens)
-    # Before the full-precision evaluation: a calibration text too short fails here, not after it.
-    calib = calibration_tokens(args.calib, tokenizer, nsamples=args.nsamples, seqlen=args.calib_seqlen, seed=args.seed)
+    # Before the full-precision evaluation: targets that match nothing, or a calibration text too short, fail here.
+    prepared = prepare_quantization(model, tokenizer, recipe, manager=manager)
     rows: list[tuple[str, str, str]] = []
     progress = not args.quiet
     if eval_tokens is not None and not args.no_fp:
         ppl = perplexity(model, eval_tokens, seqlen=args.seqlen, max_windows=args.max_windows, progress=progress)
         rows.append(("full precision", "W16A16", f"{ppl:.2f}"))
-    report = quantize_model(model, calib, args.method, settings, options, manager=manager, progress=progress)
+    model, result = prepared.run(progress=progress)
+    report = result.quantization
     bits = f"W{args.wbits}A{args.abits}" + ("" if args.qkv_bits is None else f"QKV{args.qkv_bits}")
     if eval_tokens is not None:
         ppl = perplexity(model, eval_tokens, seqlen=args.seqlen, max_windows=args.max_windows, progress=progress)
@@ -246,6 +246,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         save_quantized(
             model, args.save, tokenizer=tokenizer, overwrite=args.overwrite,
             metadata={"method": args.method, "bits": bits, "options": report.options, "source": args.model},
+            recipe=result.recipe,
         )
         print(f"saved to {args.save}: {saved_size_breakdown(args.save).format()}")
     return 0

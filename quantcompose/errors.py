@@ -61,3 +61,7 @@ class SaveTargetExistsError(SaveError, FileExistsError):
 class UsageError(QuantComposeError, ValueError):
     """A command-line argument or API argument is out of range or inconsistent."""
 
+
+
+class RecipeError(QuantComposeError, ValueError):
+    """A recipe (dict, TOML or YAML file) has an unknown key, a value of the wrong type, or an impossible target."""

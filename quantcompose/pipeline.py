@@ -28,6 +28,7 @@ from quantcompose.qlinear import QuantLinear, SharedInput
 from quantcompose.quant import QuantSpec, clamp_to_ratios, fake_quantize, search_act_clip_ratio, search_clip_ratios
 from quantcompose.quant.weight_quantizers import WeightQuantizer, get_weight_quantizer
 from quantcompose.storage import hold_in_storage, round_float_weights, storage_dtype, stored_transform
+from quantcompose.targets import PlaceTargets
 from quantcompose.strategy import LayerContext, ModelFacts, ModelPlan, PlaceStats, Plan, QuantSettings, Strategy
 from quantcompose.threads import limited_threads
 from quantcompose.transforms import Compose, Identity, Scale, Transform
@@ -200,6 +201,11 @@ class LayerJob:
     attention_quantizer: AttentionQuantizer | None = None
     attention: nn.Module | None = None
     progress: bool = True
+    #: Settings of single places that differ from ``settings`` (a recipe's targets), by place name.
+    place_settings: dict[str, QuantSettings] = field(default_factory=dict)
+
+    def settings_of(self, place: str) -> QuantSettings:
+        return self.place_settings.get(place, self.settings)
 
 
 def quantize_layer(job: LayerJob) -> list[dict[str, Any]]:
@@ -214,6 +220,11 @@ def quantize_layer(job: LayerJob) -> list[dict[str, Any]]:
         raise CalibrationError(
             f"strategy {job.strategy.name!r} fits whole layers (layer scope), which true-sequential "
             "calibration would split; turn true_sequential (--true-sequential) off."
+        )
+    if layer_scope and len({job.settings_of(p.name) for p in job.places}) > 1:
+        raise CalibrationError(
+            f"strategy {job.strategy.name!r} fits whole layers (layer scope) with one set of settings, but the "
+            f"recipe's targets give the places of layer {job.index} different bits; target whole layers instead."
         )
     groups = sequential_groups(job.places) if job.settings.true_sequential else [list(job.places)]
     summary: list[dict[str, Any]] = []
@@ -311,7 +322,7 @@ def _quantize_group(job: LayerJob, places: list[InputPlace], layer_scope: bool) 
         )
 
     def plan_one(stats: PlaceStats) -> Plan:
-        plan = job.strategy.plan(stats, job.options, job.settings)
+        plan = job.strategy.plan(stats, job.options, job.settings_of(stats.place))
         check_plan(job.strategy.name, plan, stats.place, stats.width)
         return plan
 
@@ -329,7 +340,7 @@ def _quantize_group(job: LayerJob, places: list[InputPlace], layer_scope: bool) 
             progress=job.progress,
         )
         with torch.enable_grad():  # the layer scope may train (the rest of the pipeline runs without grad)
-            refined = job.strategy.fit_layer(context, job.options, job.settings)
+            refined = job.strategy.fit_layer(context, job.options, job.settings_of(places[0].name))
         if refined is not None:
             unknown = sorted(set(refined) - {p.name for p in places})
             if unknown:
@@ -526,6 +537,7 @@ def quantize_model(
     sample_rows: int = 2048,
     progress: bool = True,
     workers: int | None = None,
+    targets: PlaceTargets | None = None,
 ) -> QuantizationReport:
     """Quantize ``model`` in place with the strategy ``method``.
 
@@ -539,6 +551,12 @@ def quantize_model(
     place plans, refined by the layer scope when the strategy has one.
     ``workers`` (default: torch's intra-op thread count) is how many places of
     a layer are fitted and quantized at once, each on one thread.
+
+    ``targets`` (from a recipe's targets and ignore, see
+    :func:`quantcompose.targets.resolve_targets`) gives single places other
+    settings, leaves places out (``nn.Linear`` as they were), and can quantize
+    the LM head; without it every decoder-layer place gets ``settings`` and
+    the head stays in float.
     """
     settings = settings or QuantSettings()
     manager = manager or get_plugin_manager()
@@ -568,11 +586,15 @@ def quantize_model(
     # After the model plan (which may rotate the embeddings), before calibration sees them.
     round_float_weights(adapter.embedding(), adapter.lm_head(), storage_dtype(settings.storage_dtype))
     layers = adapter.layers()
-    attention_quantizer = _attention_quantizer(settings, plan)
-    if attention_quantizer is not None:
+    attention_quantizers = [
+        _attention_quantizer(settings if targets is None else targets.attention[index], plan)
+        for index in range(len(layers))
+    ]
+    quantized_attention = [q for q in attention_quantizers if q is not None]
+    if quantized_attention:
         # Switch the attention implementation now; each layer's quantizer goes on as it is quantized.
         install_attention_quantization(model, {}, layers=[adapter.attention(layer) for layer in layers])
-        report.attention = attention_quantizer.describe()
+        report.attention = quantized_attention[0].describe()
 
     with torch.no_grad():
         inputs = capture_first_layer_inputs(model, layers, calib_tokens, batch_size)
@@ -580,10 +602,16 @@ def quantize_model(
             layer = layers[index]
             for hidden, _ in inputs:
                 _check_finite(hidden, f"the input of layer {index}")
+            places = adapter.places(layer)
+            place_settings: dict[str, QuantSettings] = {}
+            if targets is not None:
+                chosen = {p.name: targets.settings_for(index, p.name) for p in places}
+                places = [p for p in places if chosen[p.name] is not None]
+                place_settings = {name: s for name, s in chosen.items() if s is not None and s != settings}
             job = LayerJob(
                 layer=layer,
                 index=index,
-                places=adapter.places(layer),
+                places=places,
                 inputs=inputs,
                 strategy=strategy,
                 options=resolved,
@@ -593,18 +621,58 @@ def quantize_model(
                 sample_rows=sample_rows,
                 workers=workers,
                 facts=facts,
-                attention_quantizer=attention_quantizer,
+                attention_quantizer=attention_quantizers[index],
                 attention=adapter.attention(layer),
                 progress=progress,
+                place_settings=place_settings,
             )
-            report.places += quantize_layer(job)
+            if places:
+                report.places += quantize_layer(job)
+            elif job.attention_quantizer is not None:
+                set_attention_quantizer(job.attention, job.attention_quantizer)
             inputs = [(_layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
             for module in layer.modules():  # free the last batch the siblings shared
                 if isinstance(module, QuantLinear) and module.shared_input is not None:
                     module.shared_input.clear()
+        if targets is not None and targets.head is not None:
+            job = replace(job, index=len(layers), inputs=inputs, settings=targets.head, place_settings={},
+                          attention_quantizer=None, attention=None)
+            report.places += quantize_head(adapter, job)
     hold_in_storage(model)
     report.seconds = time.perf_counter() - start
     return report
+
+
+class _HeadBlock(nn.Module):
+    """The final norm and the LM head as one block, so the head is quantized like a layer's place."""
+
+    def __init__(self, norm: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+        self.lm_head = head
+
+    def forward(self, hidden: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden))
+
+
+#: The LM head's input place: the final norm (a diagonal scale folds into its weight) feeds it alone.
+HEAD_PLACE = InputPlace("lm_head", ("lm_head",), "norm", "norm", "diagonal", "head")
+
+
+def quantize_head(adapter: ModelAdapter, job: LayerJob) -> list[dict[str, Any]]:
+    """Quantize the LM head as one more place, calibrated on the last layer's outputs in ``job.inputs``.
+
+    A head tied to the embedding is untied first (the embedding keeps its
+    float weight). The strategy plans the place like any other, at its place
+    scope only.
+    """
+    adapter.untie_embeddings()
+    head = adapter.lm_head()
+    name = next(n for n, m in adapter.model.named_modules() if m is head)
+    block = _HeadBlock(adapter.final_norm(), head)
+    summary = _quantize_group(replace(job, layer=block, places=[HEAD_PLACE]), [HEAD_PLACE], layer_scope=False)
+    set_submodule(adapter.model, name, block.lm_head)
+    return summary
 
 
 def _attention_quantizer(settings: QuantSettings, plan: ModelPlan | None) -> AttentionQuantizer | None:
@@ -639,6 +707,7 @@ __all__ = [
     "count_quantized",
     "model_plan_for",
     "prepare",
+    "quantize_head",
     "quantize_layer",
     "quantize_model",
     "split_absorbable",

@@ -7,6 +7,7 @@ A saved model is a directory::
     model.safetensors        every parameter and buffer (packed int4 weight codes included)
     transforms.safetensors   each distinct online transform once, in the dtype it runs in
     tokenizer files          when a tokenizer was given
+    recipe.toml              the resolved recipe the model was quantized with, when known
 
 Loading trusts nothing it has not checked: the manifest's own sections carry
 checksums, every file is compared with its recorded size and sha256, and
@@ -44,6 +45,7 @@ from quantcompose.models import set_submodule
 from quantcompose.qlinear import QuantLinear, is_packed, weight_layout
 from quantcompose.quant import QuantSpec
 from quantcompose.quant.spec import spec_to_dict
+from quantcompose.recipe import SAVED_RECIPE_NAME
 from quantcompose.storage import hold_in_storage, narrowest_exact
 from quantcompose.transforms import Transform, flatten_state, from_state_dict, unflatten_state
 
@@ -51,6 +53,8 @@ FORMAT_VERSION = 2
 CONFIG_NAME = "quantcompose.json"
 WEIGHTS_NAME = "model.safetensors"
 TRANSFORMS_NAME = "transforms.safetensors"
+#: The resolved recipe beside the model (listed in the manifest and checked like every file).
+RECIPE_NAME = SAVED_RECIPE_NAME
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float64, torch.float32, torch.float16, torch.bfloat16,
@@ -126,7 +130,9 @@ def _distinct_transforms(model: nn.Module) -> tuple[dict[str, Transform], dict[s
     return distinct, used_by
 
 
-def _write_files(model: nn.Module, directory: Path, tokenizer: Any, metadata: dict[str, Any] | None) -> None:
+def _write_files(
+    model: nn.Module, directory: Path, tokenizer: Any, metadata: dict[str, Any] | None, recipe: Any = None
+) -> None:
     """Write a complete saved model into the empty directory ``directory``, manifest last."""
     tensors, aliases = _unique_state(model)
     distinct, used_by = _distinct_transforms(model)
@@ -156,6 +162,8 @@ def _write_files(model: nn.Module, directory: Path, tokenizer: Any, metadata: di
     save_file(transform_tensors, str(directory / TRANSFORMS_NAME))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
+    if recipe is not None:
+        (directory / RECIPE_NAME).write_text(recipe.to_toml(), encoding="utf-8")
     files = {}
     for file in sorted(p for p in directory.rglob("*") if p.is_file()):
         data = file.read_bytes()
@@ -251,8 +259,14 @@ def save_quantized(
     tokenizer: Any = None,
     metadata: dict[str, Any] | None = None,
     overwrite: bool = False,
+    recipe: Any = None,
 ) -> int:
     """Write ``model`` (with its :class:`QuantLinear` layers) to the directory ``path``.
+
+    ``recipe`` (a resolved :class:`~quantcompose.recipe.Recipe`; default: the
+    one :func:`quantcompose.quantize` quantized ``model`` with) is written as
+    ``recipe.toml``, from which ``quantcompose quantize --recipe`` reproduces
+    the model.
 
     Returns the size on disk in bytes. With ``overwrite``, replaces only a
     directory that holds a saved quantcompose model (or an empty one), and
@@ -261,6 +275,10 @@ def save_quantized(
     :mod:`quantcompose.atomic_dir`). Raises :class:`SaveError` otherwise.
     """
     target = check_save_target(path, overwrite)
+    if recipe is None:
+        from quantcompose.api import recipe_of
+
+        recipe = recipe_of(model)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -270,7 +288,7 @@ def save_quantized(
         raise SaveError(f"saving to {target} needs about {needed / 2**20:.0f} MiB but {target.parent} has "
                         f"{free / 2**20:.0f} MiB free; free some space or save elsewhere")
     try:
-        write_directory(target, lambda staging: _write_files(model, staging, tokenizer, metadata),
+        write_directory(target, lambda staging: _write_files(model, staging, tokenizer, metadata, recipe),
                         marker=CONFIG_NAME, replace=overwrite)
     except OSError as exc:
         if isinstance(exc, SaveError):
@@ -511,6 +529,18 @@ def _new_model(source: Path, manifest: dict[str, Any]) -> nn.Module:
                     f"({type(exc).__name__}: {exc})") from None
 
 
+def _attach_recipe(source: Path, model: nn.Module, data: bytes) -> None:
+    """Hang the saved recipe on the loaded model, so that saving it again keeps the recipe."""
+    from quantcompose.api import RECIPE_ATTRIBUTE
+    from quantcompose.recipe import Recipe, parse_toml
+
+    try:
+        recipe = Recipe.from_dict(parse_toml(data.decode("utf-8"), RECIPE_NAME))
+    except (QuantComposeError, UnicodeDecodeError) as exc:
+        raise _fail(source, RECIPE_NAME, f"not a valid recipe ({exc})") from None
+    setattr(model, RECIPE_ATTRIBUTE, recipe)
+
+
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
     """Load a model saved by :func:`save_quantized`; returns ``(model, tokenizer or None)``.
 
@@ -522,6 +552,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     contents = _read_files(source, manifest)
     weights = load_safetensors(contents[WEIGHTS_NAME])
     transform_tensors = load_safetensors(contents[TRANSFORMS_NAME])
+    recipe_bytes = contents.get(RECIPE_NAME)
     del contents
     try:
         _check_tensors(source, WEIGHTS_NAME, weights, manifest["tensors"])
@@ -558,6 +589,8 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     _restore_attention(source, model, manifest.get("attention"), transform_tensors)
     hold_in_storage(model)
     model.eval().to(device)
+    if recipe_bytes is not None:
+        _attach_recipe(source, model, recipe_bytes)
     tokenizer = None
     if _tokenizer_files_present(manifest):
         from transformers import AutoTokenizer

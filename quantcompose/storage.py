@@ -157,7 +157,7 @@ def hold_in_storage(model: nn.Module) -> None:
     if type(embedding) is not nn.Embedding:
         return
     weight = embedding.weight
-    tied = head is not None and head.weight is weight
+    tied = getattr(head, "weight", None) is weight  # a quantized head has codes, no weight
     narrow = narrowest_exact(weight.data)
     if narrow.dtype != weight.dtype:
         compute = weight.dtype

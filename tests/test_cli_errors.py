@@ -12,20 +12,7 @@ import quantcompose.saving as saving
 from quantcompose.cli import main
 from quantcompose.data import load_wikitext2_test
 
-from toymodel import tiny_llama
-
-
-class CharTokenizer:
-    """One token per character: enough for the CLI's data paths on the toy model (vocabulary 128)."""
-
-    def __call__(self, text, add_special_tokens=False, verbose=False):
-        return {"input_ids": [ord(c) % 128 for c in text]}
-
-    def __len__(self):
-        return 128
-
-    def save_pretrained(self, directory):
-        pass
+from toymodel import CharTokenizer, tiny_llama
 
 
 @pytest.fixture

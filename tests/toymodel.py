@@ -52,3 +52,16 @@ def tiny_model(
             elif name.endswith(".bias"):
                 param.uniform_(-0.5, 0.5)
     return model
+
+
+class CharTokenizer:
+    """One token per character: enough for the CLI's data paths on the toy model (vocabulary 128)."""
+
+    def __call__(self, text, add_special_tokens=False, verbose=False):
+        return {"input_ids": [ord(c) % 128 for c in text]}
+
+    def __len__(self):
+        return 128
+
+    def save_pretrained(self, directory):
+        pass
