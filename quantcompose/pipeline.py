@@ -479,7 +479,7 @@ def _quantize_place(
         ]
         weights = list(range_weight.split(rows))
 
-    shared = SharedInput() if len(linears) > 1 else None
+    shared = SharedInput(readers=len(linears)) if len(linears) > 1 else None
     for name, linear, weight, (_, bias), q in zip(place.linears, linears, weights, folded, quantized):
         module = QuantLinear(
             weight.to(linear.weight.dtype),

@@ -76,9 +76,15 @@ def shared_cast(
 
 
 class SharedInput:
-    """Remembers the last ``Q_a(x·T)`` so sibling linears reading the same ``x`` reuse it."""
+    """Remembers the last ``Q_a(x·T)`` so sibling linears reading the same ``x`` reuse it.
 
-    def __init__(self) -> None:
+    ``readers`` is how many linears share it: once the last of them has read
+    the stored batch it is dropped, so no activation outlives the forward pass.
+    """
+
+    def __init__(self, readers: int = 2) -> None:
+        self.readers = readers
+        self._left = 0
         self._key: tuple[int, int] | None = None
         self._source: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
@@ -89,9 +95,19 @@ class SharedInput:
 
     def store(self, x: torch.Tensor, output: torch.Tensor) -> None:
         self._source, self._key, self.output = x, (id(x), x._version), output
+        self._left = self.readers - 1
+
+    def take(self) -> torch.Tensor:
+        """The stored batch, for one more reader; forgotten after the last."""
+        output = self.output
+        self._left -= 1
+        if self._left <= 0:
+            self.clear()
+        return output
 
     def clear(self) -> None:
         self._source = self.output = self._key = None
+        self._left = 0
 
 
 class QuantLinear(nn.Module):
@@ -258,7 +274,7 @@ class QuantLinear(nn.Module):
         """``Q_a(x·T)``; linears that share an input (q/k/v, gate/up) share the work."""
         shared = self.shared_input
         if shared is not None and shared.hit(x):
-            return shared.output
+            return shared.take()
         if self.transform is not None:
             x_in, x = x, self.transform(x)
         else:

@@ -40,6 +40,8 @@ def test_siblings_share_the_quantized_input_and_notice_changes():
         ya = a(x)
         assert shared.hit(x)
         yb = b(x)
+        # The last of the two readers took it: nothing outlives the forward pass.
+        assert not shared.hit(x) and shared.output is None
         b.shared_input = None
         torch.testing.assert_close(yb, b(x), rtol=0, atol=0)
         x.mul_(2)  # in-place change: the cache must not be used
