@@ -61,3 +61,7 @@ class SaveTargetExistsError(SaveError, FileExistsError):
 class UsageError(QuantComposeError, ValueError):
     """A command-line argument or API argument is out of range or inconsistent."""
 
+
+
+class UnknownTaskError(QuantComposeError, ValueError):
+    """No evaluation task, group or tag of the lm-evaluation-harness has the requested name."""
