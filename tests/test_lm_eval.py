@@ -138,11 +138,11 @@ def _own_accuracy(model, tokenizer, docs):
     return float((scores.argmax(1) == torch.tensor([d["label"] for d in docs])).float().mean())
 
 
-def test_a_quantized_toy_model_runs_under_the_harness_with_its_own_scores(tmp_path):
-    """The harness's accuracy of a W8A8 toy equals the one computed here from the model's own log-likelihoods."""
+def test_a_quantized_toy_model_runs_under_the_harness_with_its_own_scores(tmp_path, monkeypatch, capsys):
+    """`eval --tasks` on a W8A8 toy: the harness's accuracy equals the one computed from the model here."""
     import torch
 
-    from quantcompose.lm_eval_adapter import evaluate_tasks, resolve_tasks
+    import quantcompose.cli as cli
     from quantcompose.pipeline import quantize_model
     from quantcompose.qlinear import QuantLinear
     from quantcompose.strategy import QuantSettings
@@ -157,14 +157,18 @@ def test_a_quantized_toy_model_runs_under_the_harness_with_its_own_scores(tmp_pa
     quantize_model(model, torch.randint(0, len(tokenizer), (2, 16)), "duquant",
                    QuantSettings(wbits=8, abits=8, weight_quantizer="rtn"), {}, progress=False)
     assert any(isinstance(m, QuantLinear) for m in model.modules())
+    monkeypatch.setattr(cli, "_load", lambda name: (model, tokenizer))
 
-    results = evaluate_tasks(model, tokenizer, resolve_tasks([task.name], task.folder, local_only=True),
-                             batch_size=5)
-    assert results.score(task.name, "acc").value == pytest.approx(_own_accuracy(model, tokenizer, docs))
-    assert results.samples[task.name] == len(docs)
-    assert {s.metric for s in results.scores} == {"acc", "acc_norm"}
-    table = results.to_table().splitlines()
-    assert table[0].split() == ["task", "metric", "value", "stderr"] and len(table) == 4
+    out = tmp_path / "scores.json"
+    assert main(["eval", "--model", "toy", "--tasks", task.name, "--include-path", str(task.folder),
+                 "--local-tasks-only", "--batch-size", "5", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    scores = {s["metric"]: s for s in record["scores"]}
+    assert scores["acc"]["value"] == pytest.approx(_own_accuracy(model, tokenizer, docs))
+    assert set(scores) == {"acc", "acc_norm"} and record["samples"] == {task.name: len(docs)}
+    assert record["tasks"] == [task.name] and record["lm_eval_version"]
+    table = capsys.readouterr().out
+    assert f"{task.name}  acc       {scores['acc']['value']:.4f}" in table
 
 
 def _w8a8_duquant(model):
