@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 
@@ -203,3 +204,21 @@ def test_smollm2_scores_far_above_chance_and_w8a8_duquant_keeps_it(tmp_path, cap
     quantized = _w8a8_duquant(copy.deepcopy(model))
     q = evaluate_tasks(quantized, tokenizer, tasks, batch_size=32).score(task.name, "acc")
     assert q.value >= fp.value - W8A8_MAX_DROP, f"W8A8 DuQuant acc {q.value:.3f} against {fp.value:.3f}"
+
+
+@pytest.mark.slow
+def test_a_harness_task_whose_data_is_out_of_reach_is_a_clear_error(tmp_path):
+    """piqa's data is on the hub; offline (as here) the CLI ends with one DataError line, before loading the model."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root / ".shim"), os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run([sys.executable, "-m", "quantcompose.cli", "eval", "--model", str(tmp_path / "none"),
+                          "--tasks", "piqa"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert lines[-1].startswith("quantcompose: error: the data of task 'piqa' could not be loaded"), run.stderr
+    assert "Traceback" not in run.stderr
