@@ -86,8 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_recipe_argument(q)  # after every flag a recipe can set
 
-    e = sub.add_parser("eval", help="perplexity of a model or of a saved quantized model")
+    e = sub.add_parser("eval", help="perplexity and zero-shot tasks (lm-eval) of a model or of a saved quantized model")
     _add_model_args(e)
+    from quantcompose.tasks_cli import add_task_args
+
+    add_task_args(e)
 
     from quantcompose.analysis_cli import add_subcommands
 
@@ -254,18 +257,26 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from quantcompose.evaluate import perplexity
+    from quantcompose.tasks_cli import resolve_task_args, run_tasks
 
-    if args.eval_data is None:
-        raise UsageError("eval needs --eval-data PATH (wiki.test.raw) or --eval-data wikitext2")
+    if args.eval_data is None and args.tasks is None:
+        raise UsageError("eval needs --eval-data PATH (wiki.test.raw) or --eval-data wikitext2, "
+                         "and/or --tasks NAME[,NAME...] (lm-evaluation-harness tasks)")
     _check_common_args(args)
+    # Tasks are built (their data read) before the model is loaded: a missing task costs no load.
+    tasks = resolve_task_args(args)
     start = time.perf_counter()
     model, tokenizer = _load(args.model)
     if tokenizer is None:
         raise UsageError(f"{args.model} has no saved tokenizer; re-save it with a tokenizer")
     tokens = _eval_tokens(args, tokenizer)
     _check_against_model(args, model, tokens)
-    ppl = perplexity(model, tokens, seqlen=args.seqlen, max_windows=args.max_windows, progress=not args.quiet)
-    print(f"{args.model}: wikitext2 perplexity {ppl:.2f} ({time.perf_counter() - start:.1f} s)")
+    ppl = None
+    if tokens is not None:
+        ppl = perplexity(model, tokens, seqlen=args.seqlen, max_windows=args.max_windows, progress=not args.quiet)
+        print(f"{args.model}: wikitext2 perplexity {ppl:.2f} ({time.perf_counter() - start:.1f} s)")
+    if tasks is not None:
+        run_tasks(args, model, tokenizer, tasks, perplexity=ppl)
     return 0
 
 

@@ -65,3 +65,7 @@ class UsageError(QuantComposeError, ValueError):
 
 class RecipeError(QuantComposeError, ValueError):
     """A recipe (dict, TOML or YAML file) has an unknown key, a value of the wrong type, or an impossible target."""
+
+
+class UnknownTaskError(QuantComposeError, ValueError):
+    """No evaluation task, group or tag of the lm-evaluation-harness has the requested name."""
