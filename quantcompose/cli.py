@@ -78,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--no-fp", action="store_true", help="skip the full-precision evaluation")
     q.add_argument("--save", default=None, metavar="DIR", help="save the quantized model to DIR")
-    q.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    q.add_argument("--overwrite", action="store_true", help="replace DIR (and the --export folder) if it exists")
+    from quantcompose.export.cli import add_export_option, add_export_subcommand
+
+    add_export_option(q)
 
     e = sub.add_parser("eval", help="perplexity of a model or of a saved quantized model")
     _add_model_args(e)
@@ -86,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     from quantcompose.analysis_cli import add_subcommands
 
     add_subcommands(sub)  # compare, inspect
+    add_export_subcommand(sub)
     return parser
 
 
@@ -213,6 +217,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         act_clip_search=args.act_clip_search, true_sequential=args.true_sequential,
         residual_rotation=args.residual_rotation,
     )
+    from quantcompose.export.cli import check_export_args, export_after_quantize
+
+    check_export_args(args, settings)
     manager = get_plugin_manager()
     # Options are checked against the settings before anything is loaded.
     options = manager.resolve(args.method, _parse_options(args.opt), settings)
@@ -248,6 +255,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             metadata={"method": args.method, "bits": bits, "options": report.options, "source": args.model},
         )
         print(f"saved to {args.save}: {saved_size_breakdown(args.save).format()}")
+    export_after_quantize(args, model, tokenizer)
     return 0
 
 
@@ -281,6 +289,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_quantize(args)
         if args.command == "eval":
             return _cmd_eval(args)
+        if args.command == "export":
+            from quantcompose.export.cli import cmd_export
+
+            return cmd_export(args)
         from quantcompose.analysis_cli import COMMANDS
 
         if args.command in COMMANDS:

@@ -61,3 +61,15 @@ class SaveTargetExistsError(SaveError, FileExistsError):
 class UsageError(QuantComposeError, ValueError):
     """A command-line argument or API argument is out of range or inconsistent."""
 
+
+
+class ExportError(QuantComposeError, ValueError):
+    """A model cannot be written in the requested serving format."""
+
+
+class UnsupportedExportSettingsError(ExportError):
+    """A layer's quantizer settings are ones the target runtimes cannot run (e.g. W4A4)."""
+
+
+class UnexportableTransformError(ExportError):
+    """A layer's online transform cannot be expressed in the target format, nor folded away exactly."""

@@ -1,0 +1,250 @@
+"""Export to compressed-tensors, read back by consumers that are not quantcompose.
+
+The consumer is plain ``transformers.AutoModelForCausalLM.from_pretrained`` with
+the compressed-tensors package installed, on the CPU. It decompresses the
+weights to float on the first forward pass and, for W8A8, fake-quantizes each
+linear's input per token on the fly (``quantization_scheme.input_activations``),
+so activation quantization is emulated, not skipped. Its int8 activation scale
+is ``absmax / 127.5`` where quantcompose's is ``absmax / 127`` (and vLLM's int8
+kernels'), so W8A8 logits agree to a tolerance while the weights agree bit for bit:
+with a scale 0.4% apart the two roundings are practically independent, so the
+W8A8 logits differ by about as much as int8 activation noise itself (on the
+toy model 1e-2, the same size as switching the consumer's quantizer off).
+The slow real-model test compares perplexity instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("compressed_tensors")
+
+from transformers import AutoModelForCausalLM, CompressedTensorsConfig  # noqa: E402
+
+import quantcompose.export.compressed_tensors as export_module  # noqa: E402
+from quantcompose.cli import main  # noqa: E402
+from quantcompose.errors import (  # noqa: E402
+    SaveError,
+    SaveTargetExistsError,
+    UnexportableTransformError,
+    UnsupportedExportSettingsError,
+)
+from quantcompose.export import export_compressed_tensors, is_export  # noqa: E402
+from quantcompose.export.schemes import check_settings  # noqa: E402
+from quantcompose.pipeline import quantize_model  # noqa: E402
+from quantcompose.qlinear import QuantLinear  # noqa: E402
+from quantcompose.saving import save_quantized  # noqa: E402
+from quantcompose.strategy import QuantSettings  # noqa: E402
+from quantcompose.transforms import Scale  # noqa: E402
+
+from toymodel import tiny_llama  # noqa: E402
+
+#: W8A8: the consumer's activation quantizer differs in its scale (127.5 vs 127); measured 8e-3 on the toy model.
+W8A8_LOGIT_ATOL = 3e-2
+#: Weight-only: the same float weights, the same float32 matmuls; measured 0.0.
+W16_LOGIT_ATOL = 1e-5
+W8A8 = dict(wbits=8, abits=8, weight_symmetric=True, act_symmetric=True, qkv_bits=16, act_clip_search=False)
+TOKENS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def _quantized(method="rtn", options=None, **settings):
+    model = tiny_llama()
+    settings = QuantSettings(weight_quantizer="rtn", **settings)
+    quantize_model(model, torch.randint(0, 128, (2, 16)), method, settings, options or {}, progress=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {
+        "w8a8": _quantized(**W8A8),
+        "w4a16": _quantized(wbits=4, abits=16, weight_symmetric=True),
+        "w4a16-g32": _quantized(wbits=4, abits=16, weight_symmetric=True, weight_group_size=32),
+        "w4a16-g32-asym": _quantized(wbits=4, abits=16, weight_group_size=32),
+        "w8a16-asym": _quantized(wbits=8, abits=16),
+    }
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def _load(folder, **kwargs):
+    return AutoModelForCausalLM.from_pretrained(str(folder), **kwargs).eval()
+
+
+def _assert_same_weights(ours, theirs):
+    for name, module in ours.named_modules():
+        if isinstance(module, QuantLinear):
+            assert torch.equal(theirs.get_submodule(name).weight, module.dequantized_weight()), name
+
+
+@pytest.mark.parametrize("kind", ["w4a16", "w4a16-g32"])
+def test_weight_only_loads_in_transformers_with_the_same_logits(models, kind, tmp_path):
+    report = export_compressed_tensors(models[kind], None, tmp_path / "out")
+    assert report.compression_format == "pack-quantized"
+    loaded = _load(tmp_path / "out")
+    assert loaded(TOKENS[:1]).logits is not None  # the first forward decompresses
+    _assert_same_weights(models[kind], loaded)
+    torch.testing.assert_close(_logits(loaded), _logits(models[kind]), atol=W16_LOGIT_ATOL, rtol=0)
+
+
+def test_w8a8_loads_in_transformers_with_activation_quantization_emulated(models, tmp_path):
+    report = export_compressed_tensors(models["w8a8"], None, tmp_path / "out")
+    assert report.compression_format == "int-quantized"
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    acts = config["config_groups"]["group_0"]["input_activations"]
+    assert (acts["dynamic"], acts["strategy"], acts["symmetric"], acts["num_bits"]) == (True, "token", True, 8)
+    assert config["ignore"] == ["lm_head"]
+    loaded = _load(tmp_path / "out")
+    emulated = _logits(loaded)
+    _assert_same_weights(models["w8a8"], loaded)
+    torch.testing.assert_close(emulated, _logits(models["w8a8"]), atol=W8A8_LOGIT_ATOL, rtol=0)
+    # The consumer really quantizes activations: switching its quantizers off changes the logits.
+    for module in loaded.modules():
+        if hasattr(module, "quantization_scheme"):
+            module.quantization_enabled = False
+    assert (_logits(loaded) - emulated).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["w4a16-g32-asym", "w8a16-asym"])
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
+def test_asymmetric_weights_keep_their_zero_points(models, kind, tmp_path):
+    export_compressed_tensors(models[kind], None, tmp_path / "out")
+    # transformers 5.24's default (compressed) load path rejects the packed zero points the format stores;
+    # its dequantize=True path reads them (see docs/user-guide.md).
+    loaded = _load(tmp_path / "out", quantization_config=CompressedTensorsConfig(dequantize=True))
+    _assert_same_weights(models[kind], loaded)
+    torch.testing.assert_close(_logits(loaded), _logits(models[kind]), atol=W16_LOGIT_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["w4a16-g32-asym", "w8a16-asym", "w8a8"])
+def test_layout_is_what_the_package_compressor_writes(models, kind):
+    """The exact code mapping gives the very tensors compressed-tensors' own compressor makes from the float weight."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    groups, _ = export_module._schemes_of(models[kind])
+    (ct_scheme, fmt, linears), = export_module._ct_schemes(groups).values()
+    layer = models[kind].get_submodule(linears[0])
+    ours = export_module.compressed_tensors_of(layer, ct_scheme, fmt)
+    state = {"weight": layer.dequantized_weight(), "weight_scale": ours["weight_scale"]}
+    if not layer.weight_spec.symmetric:
+        offset = 1 << (layer.weight_spec.bits - 1)
+        state["weight_zero_point"] = (layer.weight_zero.reshape(layer.out_features, -1) - offset).to(torch.int8)
+    theirs = BaseCompressor.get_value_from_registry(fmt).compress(state, ct_scheme)
+    assert set(theirs) == set(ours)
+    for key in theirs:
+        assert torch.equal(theirs[key], ours[key]), key
+
+
+def test_an_online_scale_before_qkv_folds_into_the_norm(models, tmp_path):
+    model = copy.deepcopy(models["w4a16"])
+    attn, norm = model.model.layers[0].self_attn, model.model.layers[0].input_layernorm
+    factors = torch.linspace(0.5, 2.0, norm.weight.numel())
+    with torch.no_grad():
+        norm.weight.div_(factors)  # the same function: the online scale undoes it
+    shared = Scale(factors)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        getattr(attn, name).transform = shared
+    report = export_compressed_tensors(model, None, tmp_path / "out")
+    assert report.folded == ("model.layers.0.input_layernorm",)
+    loaded = _load(tmp_path / "out")
+    torch.testing.assert_close(_logits(loaded), _logits(model), atol=W16_LOGIT_ATOL, rtol=1e-5)
+
+
+def test_a_scale_on_one_sibling_only_is_an_error(models, tmp_path):
+    model = copy.deepcopy(models["w4a16"])
+    model.model.layers[1].self_attn.q_proj.transform = Scale(torch.full((96,), 2.0))
+    with pytest.raises(UnexportableTransformError, match=r"model\.layers\.1\.self_attn\.q_proj .*Scale"):
+        export_compressed_tensors(model, None, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_duquant_rotation_is_an_error_naming_the_layer_and_transform(tmp_path):
+    model = _quantized("duquant", {"block_size": 32, "steps": 4, "act_clip": 1.0}, **W8A8)
+    with pytest.raises(UnexportableTransformError, match=r"model\.layers\.0\.self_attn\.q_proj .*Rotation"):
+        export_compressed_tensors(model, None, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_w4a4_is_an_error_naming_the_setting(tmp_path):
+    model = _quantized(wbits=4, abits=4, weight_symmetric=True, act_symmetric=True, qkv_bits=16,
+                       act_clip_search=False)
+    with pytest.raises(UnsupportedExportSettingsError, match=r"W4A4.*W8A8.*W4A16"):
+        export_compressed_tensors(model, None, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change, hint", [
+    ({"act_symmetric": False}, "--act-sym"),
+    ({"weight_symmetric": False}, "--weight-sym"),
+    ({"act_clip_search": True}, "--no-act-clip-search"),
+    ({"qkv_bits": None}, "--qkv-bits 16"),
+    ({"abits": 4}, "W8A4"),
+])
+def test_settings_that_cannot_export_fail_before_quantizing(change, hint):
+    with pytest.raises(UnsupportedExportSettingsError, match=hint):
+        check_settings(QuantSettings(**{**W8A8, **change}))
+
+
+def test_supported_settings_pass_the_early_check():
+    check_settings(QuantSettings(**W8A8))
+    check_settings(QuantSettings(wbits=4, abits=16, weight_group_size=32))
+
+
+def test_overwrite_replaces_only_a_previous_export(models, tmp_path):
+    out = tmp_path / "out"
+    export_compressed_tensors(models["w4a16"], None, out)
+    assert is_export(out)
+    with pytest.raises(SaveTargetExistsError):
+        export_compressed_tensors(models["w4a16"], None, out)
+    export_compressed_tensors(models["w8a8"], None, out, overwrite=True)
+    assert json.loads((out / export_module.MARKER).read_text())["compression_format"] == "int-quantized"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(SaveError, match="not a compressed-tensors export"):
+        export_compressed_tensors(models["w4a16"], None, other, overwrite=True)
+    assert (other / "keep.txt").read_text() == "mine"
+
+
+def test_a_failed_write_leaves_nothing_behind(models, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_module, "save_file", broken)
+    with pytest.raises(OSError):
+        export_compressed_tensors(models["w4a16"], None, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_exports_a_saved_model(models, tmp_path, capsys):
+    save_quantized(models["w4a16-g32"], tmp_path / "saved")
+    assert main(["export", str(tmp_path / "saved"), str(tmp_path / "out"), "--format", "compressed-tensors"]) == 0
+    assert "pack-quantized" in capsys.readouterr().out
+    torch.testing.assert_close(_logits(_load(tmp_path / "out")), _logits(models["w4a16-g32"]),
+                               atol=W16_LOGIT_ATOL, rtol=0)
+    assert main(["export", str(tmp_path / "saved"), str(tmp_path / "out")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_cli_export_of_an_unsupported_model_is_one_line_and_exit_2(tmp_path, capsys):
+    model = _quantized(wbits=4, abits=8, weight_symmetric=True, act_symmetric=True, qkv_bits=16,
+                       act_clip_search=False)
+    save_quantized(model, tmp_path / "saved")
+    assert main(["export", str(tmp_path / "saved"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "W4A8" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantize_export_checks_the_settings_before_loading_the_model(tmp_path, capsys):
+    # A W4A4 quantize with --export fails at once (no model load, no calibration).
+    code = main(["quantize", "--wbits", "4", "--abits", "4", "--export", str(tmp_path / "out"), "--quiet"])
+    assert code == 2
+    assert "W4A4" in capsys.readouterr().err
