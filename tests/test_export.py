@@ -41,6 +41,7 @@ from quantcompose.saving import save_quantized  # noqa: E402
 from quantcompose.strategy import QuantSettings  # noqa: E402
 from quantcompose.transforms import Scale  # noqa: E402
 
+import realmodel  # noqa: E402
 from toymodel import tiny_llama  # noqa: E402
 
 #: W8A8: the consumer's activation quantizer differs in its scale (127.5 vs 127); measured 8e-3 on the toy model.
@@ -75,7 +76,10 @@ def _logits(model):
 
 
 def _load(folder, **kwargs):
-    return AutoModelForCausalLM.from_pretrained(str(folder), **kwargs).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs).eval()
+    with torch.no_grad():
+        model(TOKENS[:1, :2])  # the first forward decompresses the weights to float
+    return model
 
 
 def _assert_same_weights(ours, theirs):
@@ -89,7 +93,6 @@ def test_weight_only_loads_in_transformers_with_the_same_logits(models, kind, tm
     report = export_compressed_tensors(models[kind], None, tmp_path / "out")
     assert report.compression_format == "pack-quantized"
     loaded = _load(tmp_path / "out")
-    assert loaded(TOKENS[:1]).logits is not None  # the first forward decompresses
     _assert_same_weights(models[kind], loaded)
     torch.testing.assert_close(_logits(loaded), _logits(models[kind]), atol=W16_LOGIT_ATOL, rtol=0)
 
@@ -172,6 +175,22 @@ def test_duquant_rotation_is_an_error_naming_the_layer_and_transform(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_smoothquant_exports_where_v_proj_absorbs_its_o_proj_scale(tmp_path):
+    model = tiny_llama(kv_heads=4)
+    quantize_model(model, torch.randint(0, 128, (2, 16)), "smoothquant", QuantSettings(weight_quantizer="rtn", **W8A8),
+                   {}, progress=False)
+    export_compressed_tensors(model, None, tmp_path / "out")
+    loaded = _load(tmp_path / "out")
+    _assert_same_weights(model, loaded)
+    torch.testing.assert_close(_logits(loaded), _logits(model), atol=W8A8_LOGIT_ATOL, rtol=0)
+
+
+def test_smoothquant_with_grouped_query_attention_names_o_proj(tmp_path):
+    model = _quantized("smoothquant", **W8A8)  # 4 heads, 2 kv heads: the o_proj scale stays online
+    with pytest.raises(UnexportableTransformError, match=r"model\.layers\.0\.self_attn\.o_proj .*Scale"):
+        export_compressed_tensors(model, None, tmp_path / "out")
+
+
 def test_w4a4_is_an_error_naming_the_setting(tmp_path):
     model = _quantized(wbits=4, abits=4, weight_symmetric=True, act_symmetric=True, qkv_bits=16,
                        act_clip_search=False)
@@ -248,3 +267,49 @@ def test_quantize_export_checks_the_settings_before_loading_the_model(tmp_path, 
     code = main(["quantize", "--wbits", "4", "--abits", "4", "--export", str(tmp_path / "out"), "--quiet"])
     assert code == 2
     assert "W4A4" in capsys.readouterr().err
+
+
+#: SmolLM2 W8A8 RTN, 2 x 256 tokens: quantcompose 28.59, the export in transformers 29.63 (+3.7%). Both int8
+#: activation quantizers are equally accurate per layer (relative error 2.9% vs 2.9% at layer 0's q_proj); they
+#: round differently (scale absmax/127.5 against /127), and SmolLM2's massive activations on early tokens amplify
+#: the different rounding flips; quantcompose's own quantizer at scale absmax/127.5 gives 28.99. vLLM's int8
+#: kernels use /127 like quantcompose. So this is a sanity bound, and the exactness check is the weights'.
+W8A8_EMULATED_PPL_RTOL = 0.06
+
+
+@pytest.mark.slow
+@realmodel.requires_real_model
+def test_smollm2_w8a8_export_in_transformers(tmp_path):
+    """SmolLM2 W8A8 RTN exported and loaded by plain transformers (2 WikiText-2 windows of 256 tokens).
+
+    With activation quantization (emulated by the consumer) the perplexity is within
+    ``W8A8_EMULATED_PPL_RTOL`` of quantcompose's; with both sides' activation quantizers
+    off, the logits are equal (the weights are identical; measured difference 0.0).
+    """
+    from quantcompose.data import calibration_tokens
+    from quantcompose.evaluate import perplexity
+
+    reference, tokenizer = realmodel.load_smollm2()
+    model = copy.deepcopy(reference)
+    calib = calibration_tokens("random", tokenizer, nsamples=1, seqlen=64, seed=0, vocab_size=model.config.vocab_size)
+    quantize_model(model, calib, "rtn", QuantSettings(weight_quantizer="rtn", weight_clip_search=False, **W8A8),
+                   {}, progress=False)
+    export_compressed_tensors(model, tokenizer, tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    loaded = _load(tmp_path / "out")
+    tokens = realmodel.wikitext2_test_tokens()
+
+    def ppl(m):
+        return perplexity(m, tokens, seqlen=256, max_windows=2, progress=False)
+
+    ours, theirs = ppl(model), ppl(loaded)
+    assert abs(theirs / ours - 1) < W8A8_EMULATED_PPL_RTOL, (ours, theirs)
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.act_spec = None
+    for module in loaded.modules():
+        if hasattr(module, "quantization_scheme"):
+            module.quantization_enabled = False
+    window = tokens[:, :128]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(window).logits, model(window).logits, atol=1e-4, rtol=0)
