@@ -191,6 +191,16 @@ def test_smoothquant_with_grouped_query_attention_names_o_proj(tmp_path):
         export_compressed_tensors(model, None, tmp_path / "out")
 
 
+def test_a_quantized_head_tied_to_the_embedding_is_an_error(models, tmp_path):
+    from quantcompose.errors import ExportError
+    from quantcompose.quant import QuantSpec
+
+    model = copy.deepcopy(models["w4a16"])
+    model.lm_head = QuantLinear(model.lm_head.weight.detach(), weight_spec=QuantSpec(4, True, "channel"))
+    with pytest.raises(ExportError, match="LM head is quantized but the config ties it"):
+        export_compressed_tensors(model, None, tmp_path / "out")
+
+
 def test_w4a4_is_an_error_naming_the_setting(tmp_path):
     model = _quantized(wbits=4, abits=4, weight_symmetric=True, act_symmetric=True, qkv_bits=16,
                        act_clip_search=False)
@@ -313,3 +323,18 @@ def test_smollm2_w8a8_export_in_transformers(tmp_path):
     window = tokens[:, :128]
     with torch.no_grad():
         torch.testing.assert_close(loaded(window).logits, model(window).logits, atol=1e-4, rtol=0)
+
+
+def test_quantize_export_writes_the_folder(tmp_path, capsys, monkeypatch):
+    import quantcompose.cli as cli
+    from test_cli_errors import CharTokenizer
+
+    monkeypatch.setattr(cli, "_load", lambda name: (tiny_llama(), CharTokenizer()))
+    argv = ["quantize", "--method", "rtn", "--weight-quantizer", "rtn", "--wbits", "4", "--abits", "16",
+            "--weight-sym", "--group-size", "32", "--nsamples", "1", "--calib-seqlen", "8", "--quiet",
+            "--export", str(tmp_path / "out")]
+    assert main(argv) == 0
+    assert f"exported to {tmp_path / 'out'}" in capsys.readouterr().out
+    assert is_export(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    _load(tmp_path / "out")

@@ -215,6 +215,11 @@ def _schemes_of(model: nn.Module) -> tuple[dict[LayerScheme, list[str]], list[st
             floats.append(name)
     if not groups:
         raise ExportError("the model has no quantized linear layers; quantize it first (quantcompose quantize)")
+    head = model.get_output_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and isinstance(head, QuantLinear) and head.weight_spec:
+        # transformers would re-tie the head to the float embedding on load, dropping its quantized weight
+        raise ExportError("the LM head is quantized but the config ties it to the embedding; untie it before "
+                          "quantizing the head (config.tie_word_embeddings = False)")
     return groups, floats
 
 
