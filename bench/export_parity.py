@@ -77,7 +77,7 @@ def main() -> None:
         try:
             export_compressed_tensors(model, tokenizer, root / method, overwrite=True)
         except ExportError as error:
-            rows.append((method, f"{ours:.3f}", "not exportable", str(error).split(";")[0]))
+            rows.append((method, f"{ours:.3f}", "not exportable", str(error).split(", which")[0]))
             continue
         del model
         loaded = AutoModelForCausalLM.from_pretrained(str(root / method)).eval()

@@ -283,7 +283,8 @@ def test_quantize_export_checks_the_settings_before_loading_the_model(tmp_path, 
 #: activation quantizers are equally accurate per layer (relative error 2.9% vs 2.9% at layer 0's q_proj); they
 #: round differently (scale absmax/127.5 against /127), and SmolLM2's massive activations on early tokens amplify
 #: the different rounding flips; quantcompose's own quantizer at scale absmax/127.5 gives 28.99. vLLM's int8
-#: kernels use /127 like quantcompose. So this is a sanity bound, and the exactness check is the weights'.
+#: kernels use /127 like quantcompose. On 2 windows of 512 tokens (bench/export_parity.py) the two agree to
+#: 0.06% (28.389 vs 28.372). So this is a sanity bound, and the exactness check is the weights'.
 W8A8_EMULATED_PPL_RTOL = 0.06
 
 

@@ -102,8 +102,8 @@ def _unexportable(layer: str, transform: Transform, why: str) -> UnexportableTra
         f"{layer} runs the online transform {describe_transform(transform)} on its input, which a "
         f"compressed-tensors checkpoint cannot carry: {why}. transformers does not apply the format's "
         "transform_config when it loads a checkpoint, so writing one would give a silently different model. "
-        "Export a model whose transforms fold entirely (e.g. --method smoothquant or rtn), or serve it with "
-        "quantcompose itself."
+        "Export a model whose transforms fold entirely (--method rtn; smoothquant where each query head has its "
+        "own value head), or serve it with quantcompose itself."
     )
 
 
