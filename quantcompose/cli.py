@@ -81,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--no-fp", action="store_true", help="skip the full-precision evaluation")
     q.add_argument("--save", default=None, metavar="DIR", help="save the quantized model to DIR")
-    q.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    q.add_argument("--overwrite", action="store_true", help="replace DIR (and the --export folder) if it exists")
+    from quantcompose.export.cli import add_export_option, add_export_subcommand
+
+    add_export_option(q)
     from quantcompose.recipe_cli import add_recipe_argument
 
     add_recipe_argument(q)  # after every flag a recipe can set
@@ -95,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     from quantcompose.analysis_cli import add_subcommands
 
     add_subcommands(sub)  # compare, inspect
+    add_export_subcommand(sub)
     return parser
 
 
@@ -215,6 +219,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     # The recipe (--recipe, or the defaults) with the flags given winning; args then hold what will run.
     recipe = recipe_from_args(args, _parse_options, _check_quantize_args)
+    from quantcompose.export.cli import check_export_args, export_after_quantize
+
+    check_export_args(args, recipe.settings())
     manager = get_plugin_manager()
     # The method, its options and the bits are checked before anything is loaded.
     recipe = recipe.resolve(manager)
@@ -252,6 +259,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             recipe=result.recipe,
         )
         print(f"saved to {args.save}: {saved_size_breakdown(args.save).format()}")
+    export_after_quantize(args, model, tokenizer)
     return 0
 
 
@@ -293,6 +301,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_quantize(args)
         if args.command == "eval":
             return _cmd_eval(args)
+        if args.command == "export":
+            from quantcompose.export.cli import cmd_export
+
+            return cmd_export(args)
         from quantcompose.analysis_cli import COMMANDS
 
         if args.command in COMMANDS:

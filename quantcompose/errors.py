@@ -69,3 +69,15 @@ class RecipeError(QuantComposeError, ValueError):
 
 class UnknownTaskError(QuantComposeError, ValueError):
     """No evaluation task, group or tag of the lm-evaluation-harness has the requested name."""
+
+
+class ExportError(QuantComposeError, ValueError):
+    """A model cannot be written in the requested serving format."""
+
+
+class UnsupportedExportSettingsError(ExportError):
+    """A layer's quantizer settings are ones the target runtimes cannot run (e.g. W4A4)."""
+
+
+class UnexportableTransformError(ExportError):
+    """A layer's online transform cannot be expressed in the target format, nor folded away exactly."""

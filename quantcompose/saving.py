@@ -25,7 +25,7 @@ import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -205,12 +205,20 @@ def _nearest_existing(path: Path) -> Path:
     return Path(path.anchor or ".")
 
 
-def check_save_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
+def check_save_target(
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    *,
+    replaceable: Callable[[Path], bool] = is_saved_model,
+    kind: str = f"saved quantcompose model (no {CONFIG_NAME})",
+) -> Path:
     """Raise :class:`SaveError` unless a model can be saved at ``path``; returns it as a ``Path``.
 
-    ``path`` must not exist, or with ``overwrite`` be a saved quantcompose model
-    or an empty directory (nothing else is ever replaced), and its nearest
-    existing parent must be a directory this process can create entries in.
+    ``path`` must not exist, or with ``overwrite`` be a directory ``replaceable``
+    accepts (by default a saved quantcompose model) or an empty one (nothing
+    else is ever replaced), and its nearest existing parent must be a
+    directory this process can create entries in. ``kind`` names what
+    ``replaceable`` accepts in the messages (an exporter passes its own).
     """
     if not os.fspath(path).strip():
         raise SaveError("the save path is empty; pass the directory to save the model to (--save DIR)")
@@ -219,13 +227,13 @@ def check_save_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
         if not overwrite:
             raise SaveTargetExistsError(
                 f"{target} already exists; choose another path, or pass overwrite=True (--overwrite) "
-                "to replace a saved quantcompose model"
+                f"to replace a {kind.split(' (')[0]}"
             )
         if not target.is_dir() or target.is_symlink():
             raise SaveError(f"{target} exists and is not a directory; refusing to replace it: choose another path")
-        if not is_saved_model(target) and any(target.iterdir()):
+        if not replaceable(target) and any(target.iterdir()):
             raise SaveError(
-                f"{target} exists and is not a saved quantcompose model (no {CONFIG_NAME}); refusing to replace "
+                f"{target} exists and is not a {kind}; refusing to replace "
                 "what it holds: choose another path or empty it first"
             )
     parent = _nearest_existing(target.parent)

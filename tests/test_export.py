@@ -1,0 +1,341 @@
+"""Export to compressed-tensors, read back by consumers that are not quantcompose.
+
+The consumer is plain ``transformers.AutoModelForCausalLM.from_pretrained`` with
+the compressed-tensors package installed, on the CPU. It decompresses the
+weights to float on the first forward pass and, for W8A8, fake-quantizes each
+linear's input per token on the fly (``quantization_scheme.input_activations``),
+so activation quantization is emulated, not skipped. Its int8 activation scale
+is ``absmax / 127.5`` where quantcompose's is ``absmax / 127`` (and vLLM's int8
+kernels'), so W8A8 logits agree to a tolerance while the weights agree bit for bit:
+with a scale 0.4% apart the two roundings are practically independent, so the
+W8A8 logits differ by about as much as int8 activation noise itself (on the
+toy model 1e-2, the same size as switching the consumer's quantizer off).
+The slow real-model test compares perplexity instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("compressed_tensors")
+
+from transformers import AutoModelForCausalLM, CompressedTensorsConfig  # noqa: E402
+
+import quantcompose.export.compressed_tensors as export_module  # noqa: E402
+from quantcompose.cli import main  # noqa: E402
+from quantcompose.errors import (  # noqa: E402
+    SaveError,
+    SaveTargetExistsError,
+    UnexportableTransformError,
+    UnsupportedExportSettingsError,
+)
+from quantcompose.export import export_compressed_tensors, is_export  # noqa: E402
+from quantcompose.export.schemes import check_settings  # noqa: E402
+from quantcompose.pipeline import quantize_model  # noqa: E402
+from quantcompose.qlinear import QuantLinear  # noqa: E402
+from quantcompose.saving import save_quantized  # noqa: E402
+from quantcompose.strategy import QuantSettings  # noqa: E402
+from quantcompose.transforms import Scale  # noqa: E402
+
+import realmodel  # noqa: E402
+from toymodel import tiny_llama  # noqa: E402
+
+#: W8A8: the consumer's activation quantizer differs in its scale (127.5 vs 127); measured 8e-3 on the toy model.
+W8A8_LOGIT_ATOL = 3e-2
+#: Weight-only: the same float weights, the same float32 matmuls; measured 0.0.
+W16_LOGIT_ATOL = 1e-5
+W8A8 = dict(wbits=8, abits=8, weight_symmetric=True, act_symmetric=True, qkv_bits=16, act_clip_search=False)
+TOKENS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def _quantized(method="rtn", options=None, **settings):
+    model = tiny_llama()
+    settings = QuantSettings(weight_quantizer="rtn", **settings)
+    quantize_model(model, torch.randint(0, 128, (2, 16)), method, settings, options or {}, progress=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {
+        "w8a8": _quantized(**W8A8),
+        "w4a16": _quantized(wbits=4, abits=16, weight_symmetric=True),
+        "w4a16-g32": _quantized(wbits=4, abits=16, weight_symmetric=True, weight_group_size=32),
+        "w4a16-g32-asym": _quantized(wbits=4, abits=16, weight_group_size=32),
+        "w8a16-asym": _quantized(wbits=8, abits=16),
+    }
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def _load(folder, **kwargs):
+    model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs).eval()
+    with torch.no_grad():
+        model(TOKENS[:1, :2])  # the first forward decompresses the weights to float
+    return model
+
+
+def _assert_same_weights(ours, theirs):
+    for name, module in ours.named_modules():
+        if isinstance(module, QuantLinear):
+            assert torch.equal(theirs.get_submodule(name).weight, module.dequantized_weight()), name
+
+
+@pytest.mark.parametrize("kind", ["w4a16", "w4a16-g32"])
+def test_weight_only_loads_in_transformers_with_the_same_logits(models, kind, tmp_path):
+    report = export_compressed_tensors(models[kind], None, tmp_path / "out")
+    assert report.compression_format == "pack-quantized"
+    loaded = _load(tmp_path / "out")
+    _assert_same_weights(models[kind], loaded)
+    torch.testing.assert_close(_logits(loaded), _logits(models[kind]), atol=W16_LOGIT_ATOL, rtol=0)
+
+
+def test_w8a8_loads_in_transformers_with_activation_quantization_emulated(models, tmp_path):
+    report = export_compressed_tensors(models["w8a8"], None, tmp_path / "out")
+    assert report.compression_format == "int-quantized"
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    acts = config["config_groups"]["group_0"]["input_activations"]
+    assert (acts["dynamic"], acts["strategy"], acts["symmetric"], acts["num_bits"]) == (True, "token", True, 8)
+    assert config["ignore"] == ["lm_head"]
+    loaded = _load(tmp_path / "out")
+    emulated = _logits(loaded)
+    _assert_same_weights(models["w8a8"], loaded)
+    torch.testing.assert_close(emulated, _logits(models["w8a8"]), atol=W8A8_LOGIT_ATOL, rtol=0)
+    # The consumer really quantizes activations: switching its quantizers off changes the logits.
+    for module in loaded.modules():
+        if hasattr(module, "quantization_scheme"):
+            module.quantization_enabled = False
+    assert (_logits(loaded) - emulated).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["w4a16-g32-asym", "w8a16-asym"])
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
+def test_asymmetric_weights_keep_their_zero_points(models, kind, tmp_path):
+    export_compressed_tensors(models[kind], None, tmp_path / "out")
+    # transformers 5.24's default (compressed) load path rejects the packed zero points the format stores;
+    # its dequantize=True path reads them (see docs/user-guide.md).
+    loaded = _load(tmp_path / "out", quantization_config=CompressedTensorsConfig(dequantize=True))
+    _assert_same_weights(models[kind], loaded)
+    torch.testing.assert_close(_logits(loaded), _logits(models[kind]), atol=W16_LOGIT_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["w4a16-g32-asym", "w8a16-asym", "w8a8"])
+def test_layout_is_what_the_package_compressor_writes(models, kind):
+    """The exact code mapping gives the very tensors compressed-tensors' own compressor makes from the float weight."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    groups, _ = export_module._schemes_of(models[kind])
+    (ct_scheme, fmt, linears), = export_module._ct_schemes(groups).values()
+    layer = models[kind].get_submodule(linears[0])
+    ours = export_module.compressed_tensors_of(layer, ct_scheme, fmt)
+    state = {"weight": layer.dequantized_weight(), "weight_scale": ours["weight_scale"]}
+    if not layer.weight_spec.symmetric:
+        offset = 1 << (layer.weight_spec.bits - 1)
+        state["weight_zero_point"] = (layer.weight_zero.reshape(layer.out_features, -1) - offset).to(torch.int8)
+    theirs = BaseCompressor.get_value_from_registry(fmt).compress(state, ct_scheme)
+    assert set(theirs) == set(ours)
+    for key in theirs:
+        assert torch.equal(theirs[key], ours[key]), key
+
+
+def test_an_online_scale_before_qkv_folds_into_the_norm(models, tmp_path):
+    model = copy.deepcopy(models["w4a16"])
+    attn, norm = model.model.layers[0].self_attn, model.model.layers[0].input_layernorm
+    factors = torch.linspace(0.5, 2.0, norm.weight.numel())
+    with torch.no_grad():
+        norm.weight.div_(factors)  # the same function: the online scale undoes it
+    shared = Scale(factors)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        getattr(attn, name).transform = shared
+    report = export_compressed_tensors(model, None, tmp_path / "out")
+    assert report.folded == ("model.layers.0.input_layernorm",)
+    loaded = _load(tmp_path / "out")
+    torch.testing.assert_close(_logits(loaded), _logits(model), atol=W16_LOGIT_ATOL, rtol=1e-5)
+
+
+def test_a_scale_on_one_sibling_only_is_an_error(models, tmp_path):
+    model = copy.deepcopy(models["w4a16"])
+    model.model.layers[1].self_attn.q_proj.transform = Scale(torch.full((96,), 2.0))
+    with pytest.raises(UnexportableTransformError, match=r"model\.layers\.1\.self_attn\.q_proj .*Scale"):
+        export_compressed_tensors(model, None, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_duquant_rotation_is_an_error_naming_the_layer_and_transform(tmp_path):
+    model = _quantized("duquant", {"block_size": 32, "steps": 4, "act_clip": 1.0}, **W8A8)
+    with pytest.raises(UnexportableTransformError, match=r"model\.layers\.0\.self_attn\.q_proj .*Rotation"):
+        export_compressed_tensors(model, None, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_smoothquant_exports_where_v_proj_absorbs_its_o_proj_scale(tmp_path):
+    model = tiny_llama(kv_heads=4)
+    quantize_model(model, torch.randint(0, 128, (2, 16)), "smoothquant", QuantSettings(weight_quantizer="rtn", **W8A8),
+                   {}, progress=False)
+    export_compressed_tensors(model, None, tmp_path / "out")
+    loaded = _load(tmp_path / "out")
+    _assert_same_weights(model, loaded)
+    torch.testing.assert_close(_logits(loaded), _logits(model), atol=W8A8_LOGIT_ATOL, rtol=0)
+
+
+def test_smoothquant_with_grouped_query_attention_names_o_proj(tmp_path):
+    model = _quantized("smoothquant", **W8A8)  # 4 heads, 2 kv heads: the o_proj scale stays online
+    with pytest.raises(UnexportableTransformError, match=r"model\.layers\.0\.self_attn\.o_proj .*Scale"):
+        export_compressed_tensors(model, None, tmp_path / "out")
+
+
+def test_a_quantized_head_tied_to_the_embedding_is_an_error(models, tmp_path):
+    from quantcompose.errors import ExportError
+    from quantcompose.quant import QuantSpec
+
+    model = copy.deepcopy(models["w4a16"])
+    model.lm_head = QuantLinear(model.lm_head.weight.detach(), weight_spec=QuantSpec(4, True, "channel"))
+    with pytest.raises(ExportError, match="LM head is quantized but the config ties it"):
+        export_compressed_tensors(model, None, tmp_path / "out")
+
+
+def test_w4a4_is_an_error_naming_the_setting(tmp_path):
+    model = _quantized(wbits=4, abits=4, weight_symmetric=True, act_symmetric=True, qkv_bits=16,
+                       act_clip_search=False)
+    with pytest.raises(UnsupportedExportSettingsError, match=r"W4A4.*W8A8.*W4A16"):
+        export_compressed_tensors(model, None, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change, hint", [
+    ({"act_symmetric": False}, "--act-sym"),
+    ({"weight_symmetric": False}, "--weight-sym"),
+    ({"act_clip_search": True}, "--no-act-clip-search"),
+    ({"qkv_bits": None}, "--qkv-bits 16"),
+    ({"abits": 4}, "W8A4"),
+])
+def test_settings_that_cannot_export_fail_before_quantizing(change, hint):
+    with pytest.raises(UnsupportedExportSettingsError, match=hint):
+        check_settings(QuantSettings(**{**W8A8, **change}))
+
+
+def test_supported_settings_pass_the_early_check():
+    check_settings(QuantSettings(**W8A8))
+    check_settings(QuantSettings(wbits=4, abits=16, weight_group_size=32))
+
+
+def test_overwrite_replaces_only_a_previous_export(models, tmp_path):
+    out = tmp_path / "out"
+    export_compressed_tensors(models["w4a16"], None, out)
+    assert is_export(out)
+    with pytest.raises(SaveTargetExistsError):
+        export_compressed_tensors(models["w4a16"], None, out)
+    export_compressed_tensors(models["w8a8"], None, out, overwrite=True)
+    assert json.loads((out / export_module.MARKER).read_text())["compression_format"] == "int-quantized"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(SaveError, match="not a compressed-tensors export"):
+        export_compressed_tensors(models["w4a16"], None, other, overwrite=True)
+    assert (other / "keep.txt").read_text() == "mine"
+
+
+def test_a_failed_write_leaves_nothing_behind(models, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_module, "save_file", broken)
+    with pytest.raises(OSError):
+        export_compressed_tensors(models["w4a16"], None, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_exports_a_saved_model(models, tmp_path, capsys):
+    save_quantized(models["w4a16-g32"], tmp_path / "saved")
+    assert main(["export", str(tmp_path / "saved"), str(tmp_path / "out"), "--format", "compressed-tensors"]) == 0
+    assert "pack-quantized" in capsys.readouterr().out
+    torch.testing.assert_close(_logits(_load(tmp_path / "out")), _logits(models["w4a16-g32"]),
+                               atol=W16_LOGIT_ATOL, rtol=0)
+    assert main(["export", str(tmp_path / "saved"), str(tmp_path / "out")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_cli_export_of_an_unsupported_model_is_one_line_and_exit_2(tmp_path, capsys):
+    model = _quantized(wbits=4, abits=8, weight_symmetric=True, act_symmetric=True, qkv_bits=16,
+                       act_clip_search=False)
+    save_quantized(model, tmp_path / "saved")
+    assert main(["export", str(tmp_path / "saved"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "W4A8" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantize_export_checks_the_settings_before_loading_the_model(tmp_path, capsys):
+    # A W4A4 quantize with --export fails at once (no model load, no calibration).
+    code = main(["quantize", "--wbits", "4", "--abits", "4", "--export", str(tmp_path / "out"), "--quiet"])
+    assert code == 2
+    assert "W4A4" in capsys.readouterr().err
+
+
+#: SmolLM2 W8A8 RTN, 2 x 256 tokens: quantcompose 28.59, the export in transformers 29.63 (+3.7%). Both int8
+#: activation quantizers are equally accurate per layer (relative error 2.9% vs 2.9% at layer 0's q_proj); they
+#: round differently (scale absmax/127.5 against /127), and SmolLM2's massive activations on early tokens amplify
+#: the different rounding flips; quantcompose's own quantizer at scale absmax/127.5 gives 28.99. vLLM's int8
+#: kernels use /127 like quantcompose. On 2 windows of 512 tokens (bench/export_parity.py) the two agree to
+#: 0.06% (28.389 vs 28.372). So this is a sanity bound, and the exactness check is the weights'.
+W8A8_EMULATED_PPL_RTOL = 0.06
+
+
+@pytest.mark.slow
+@realmodel.requires_real_model
+def test_smollm2_w8a8_export_in_transformers(tmp_path):
+    """SmolLM2 W8A8 RTN exported and loaded by plain transformers (2 WikiText-2 windows of 256 tokens).
+
+    With activation quantization (emulated by the consumer) the perplexity is within
+    ``W8A8_EMULATED_PPL_RTOL`` of quantcompose's; with both sides' activation quantizers
+    off, the logits are equal (the weights are identical; measured difference 0.0).
+    """
+    from quantcompose.data import calibration_tokens
+    from quantcompose.evaluate import perplexity
+
+    reference, tokenizer = realmodel.load_smollm2()
+    model = copy.deepcopy(reference)
+    calib = calibration_tokens("random", tokenizer, nsamples=1, seqlen=64, seed=0, vocab_size=model.config.vocab_size)
+    quantize_model(model, calib, "rtn", QuantSettings(weight_quantizer="rtn", weight_clip_search=False, **W8A8),
+                   {}, progress=False)
+    export_compressed_tensors(model, tokenizer, tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    loaded = _load(tmp_path / "out")
+    tokens = realmodel.wikitext2_test_tokens()
+
+    def ppl(m):
+        return perplexity(m, tokens, seqlen=256, max_windows=2, progress=False)
+
+    ours, theirs = ppl(model), ppl(loaded)
+    assert abs(theirs / ours - 1) < W8A8_EMULATED_PPL_RTOL, (ours, theirs)
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.act_spec = None
+    for module in loaded.modules():
+        if hasattr(module, "quantization_scheme"):
+            module.quantization_enabled = False
+    window = tokens[:, :128]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(window).logits, model(window).logits, atol=1e-4, rtol=0)
+
+
+def test_quantize_export_writes_the_folder(tmp_path, capsys, monkeypatch):
+    import quantcompose.cli as cli
+    from test_cli_errors import CharTokenizer
+
+    monkeypatch.setattr(cli, "_load", lambda name: (tiny_llama(), CharTokenizer()))
+    argv = ["quantize", "--method", "rtn", "--weight-quantizer", "rtn", "--wbits", "4", "--abits", "16",
+            "--weight-sym", "--group-size", "32", "--nsamples", "1", "--calib-seqlen", "8", "--quiet",
+            "--export", str(tmp_path / "out")]
+    assert main(argv) == 0
+    assert f"exported to {tmp_path / 'out'}" in capsys.readouterr().out
+    assert is_export(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    _load(tmp_path / "out")
