@@ -39,8 +39,8 @@ DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SMALL_LAYERS = 2
 
 #: The rewriting rules, applied in order to the text of every block that runs:
-#: (regular expression, replacement). ``{small_model}`` and ``{shared}`` are
-#: filled in with the cut-down SmolLM2 folder and the shared data folder.
+#: (regular expression, replacement). ``{small_model}``, ``{shared}`` and ``{root}`` are
+#: filled in with the cut-down SmolLM2 folder, the shared data folder and the repository root.
 SHRINK: list[tuple[str, str]] = [
     (r"--max-windows \d+", "--max-windows 1"),
     (r"--eval-windows \d+", "--eval-windows 1"),
@@ -59,6 +59,9 @@ SHRINK: list[tuple[str, str]] = [
     # The commands' own calibration defaults (16 x 512 tokens) where a command leaves them unset.
     (r"^(quantcompose (quantize|compare|inspect)\b(?!.*--nsamples).*)$", r"\1 --nsamples 1 --calib-seqlen 32"),
     (r"\bsmollm2-135m\b", "{small_model}"),
+    # A placeholder model path in the Python API example, and files shipped at the repository root.
+    (r"path/to/model", "{small_model}"),
+    (r"(?<![\w/.])recipes/", "{root}/recipes/"),
     (r"\.\./shared/", "{shared}/"),
 ]
 NOT_RUN = re.compile(r"^\s*<!--\s*not-run:\s*(\S.*?)\s*-->\s*$")
@@ -105,7 +108,7 @@ def code_blocks(path: Path) -> list[Block]:
 def shrink(text: str, small_model: str) -> str:
     """``text`` with every :data:`SHRINK` rule applied (multi-line, so ``^``/``$`` match per line)."""
     for pattern, replacement in SHRINK:
-        text = re.sub(pattern, replacement.format(small_model=small_model, shared=SHARED), text, flags=re.M)
+        text = re.sub(pattern, replacement.format(small_model=small_model, shared=SHARED, root=ROOT), text, flags=re.M)
     return text
 
 
