@@ -479,6 +479,8 @@ def _quantize_place(
         ]
         weights = list(range_weight.split(rows))
 
+    if online is not None:
+        online.forget_derived()  # the fold's inverse is not needed again; the layers keep only `online`
     shared = SharedInput(readers=len(linears)) if len(linears) > 1 else None
     for name, linear, weight, (_, bias), q in zip(place.linears, linears, weights, folded, quantized):
         module = QuantLinear(

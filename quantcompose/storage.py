@@ -201,7 +201,9 @@ def resident_bytes(model: nn.Module) -> dict[str, int]:
         quantizer = attention_quantizer_of(module)
         for candidate in (getattr(module, "transform", None), getattr(quantizer, "qk_rotation", None)):
             if isinstance(candidate, Transform):
-                transforms.extend(state_tensors(candidate.state_dict()))
+                # With what it caches: an inverse kept after the weight fold counts too.
+                for held in (candidate, *candidate.derived()):
+                    transforms.extend(state_tensors(held.state_dict()))
     return {
         "parameters": size(model.parameters()),
         "buffers": size(model.buffers()),

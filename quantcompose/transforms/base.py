@@ -151,6 +151,23 @@ class Transform(ABC):
         """An equivalent, possibly smaller transform (atoms are already minimal)."""
         return self
 
+    def derived(self) -> list["Transform"]:
+        """The cached inverse and transpose this transform holds (see :meth:`forget_derived`)."""
+        return [t for t in (self.__dict__.get("_inv_cache"), self.__dict__.get("_t_cache")) if t is not None]
+
+    def forget_derived(self) -> None:
+        """Drop the cached inverse and transpose; they are rebuilt on demand.
+
+        A transform that runs online keeps them after its weight fold
+        otherwise, and a computed inverse (``BlockLinear``'s, in float64)
+        is larger than the transform itself.
+        """
+        for cached in self.derived():
+            cached.__dict__.pop("_inv_cache", None)
+            cached.__dict__.pop("_t_cache", None)
+        self.__dict__.pop("_inv_cache", None)
+        self.__dict__.pop("_t_cache", None)
+
     # ------------------------------------------------------------------ folding
     def fold_into_weight(
         self, weight: torch.Tensor, bias: torch.Tensor | None = None

@@ -53,6 +53,14 @@ class Compose(Transform):
         # (A·B)ᵀ = Bᵀ·Aᵀ
         return Compose([t.T for t in reversed(self.transforms)])
 
+    def derived(self) -> list[Transform]:
+        return [*super().derived(), *(d for t in self.transforms for d in t.derived())]
+
+    def forget_derived(self) -> None:
+        super().forget_derived()
+        for t in self.transforms:
+            t.forget_derived()
+
     @property
     def is_orthogonal(self) -> bool:
         return all(t.is_orthogonal for t in self.transforms)
