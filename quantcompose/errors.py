@@ -65,3 +65,7 @@ class UsageError(QuantComposeError, ValueError):
 
 class RecipeError(QuantComposeError, ValueError):
     """A recipe (dict, TOML or YAML file) has an unknown key, a value of the wrong type, or an impossible target."""
+
+
+class OffloadError(QuantComposeError, ValueError):
+    """An offloaded quantization cannot run as asked (a model-wide strategy, a work folder of another run)."""
