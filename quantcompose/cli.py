@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     from quantcompose.recipe_cli import add_recipe_argument
 
     add_recipe_argument(q)  # after every flag a recipe can set
+    from quantcompose.offload_cli import add_offload_arguments
+
+    add_offload_arguments(q)
 
     e = sub.add_parser("eval", help="perplexity of a model or of a saved quantized model")
     _add_model_args(e)
@@ -215,6 +218,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     manager = get_plugin_manager()
     # The method, its options and the bits are checked before anything is loaded.
     recipe = recipe.resolve(manager)
+    if args.offload:
+        from quantcompose.offload_cli import run_offloaded
+
+        return run_offloaded(args, recipe, manager)
     torch.manual_seed(args.seed)
     model, tokenizer = _load(args.model)
     from quantcompose.models import get_adapter

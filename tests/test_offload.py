@@ -18,7 +18,7 @@ from quantcompose.work_folder import work_folder_for
 from toymodel import tiny_llama
 
 LAYERS = 4
-W4A4 = {"method": "duquant", "wbits": 4, "abits": 4}
+W4A4 = {"method": "duquant", "wbits": 4, "abits": 4, "weight_quantizer": "rtn"}  # rtn: GPTQ is slow, not under test
 
 
 class Interrupted(Exception):
@@ -158,3 +158,17 @@ def test_source_that_is_not_a_safetensors_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match="model.safetensors"):
         quantize_offloaded(tmp_path, tmp_path / "out", calibration=_tokens(), progress=False)
+
+
+def test_cli_offload(checkpoint, tmp_path, capsys):
+    from quantcompose.cli import main
+
+    out = tmp_path / "out"
+    argv = ["quantize", "--offload", "--model", str(checkpoint), "--method", "rtn", "--wbits", "8", "--abits", "8",
+            "--nsamples", "2", "--calib-seqlen", "16", "--quiet"]
+    assert main(argv) == 2
+    assert "--offload writes the model as it goes and needs --save DIR" in capsys.readouterr().err
+    assert main([*argv, "--save", str(out)]) == 0
+    assert "offloaded on cpu" in capsys.readouterr().out
+    model, _ = load_quantized(out)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 7 * LAYERS
