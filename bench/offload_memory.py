@@ -9,7 +9,7 @@ calibration tokens. A third subprocess that only imports the libraries gives
 the fixed cost of the interpreter, torch and transformers, printed too.
 
 Models: SmolLM2-135M (written once from its GGUF to a temporary safetensors
-folder with ``save_pretrained``) and two random Llama toys of the same width
+folder with :func:`quantcompose.checkpoint.write_checkpoint`) and two random Llama toys of the same width
 with ``--toy-layers`` layers (default 4 and 32), to show that the offloaded
 peak does not grow with depth while the in-memory one does.
 
@@ -83,7 +83,8 @@ def _measure(mode: str, checkpoint: Path, output: Path, args: argparse.Namespace
 def _write_smollm2(folder: Path) -> None:
     # In a subprocess: the GGUF de-quantization's memory must not count in this process either.
     code = ("import sys; from quantcompose.models.loading import load_model; "
-            "m, t = load_model('smollm2-135m'); m.save_pretrained(sys.argv[1]); t.save_pretrained(sys.argv[1])")
+            "from quantcompose.checkpoint import write_checkpoint; "
+            "m, t = load_model('smollm2-135m'); write_checkpoint(m, sys.argv[1], t)")
     subprocess.run([sys.executable, "-c", code, str(folder)], check=True, capture_output=True)
 
 

@@ -106,10 +106,41 @@ class Checkpoint:
         return digest.hexdigest()
 
 
+def write_checkpoint(model: nn.Module, folder: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """Write ``model`` as a safetensors checkpoint folder that :class:`Checkpoint` reads; returns the folder.
+
+    ``save_pretrained`` does the same for most models, but refuses one loaded
+    from GGUF (the built-in SmolLM2): its config still names the GGUF
+    quantization its weights were de-quantized from. Tied tensors are
+    written once, as ``save_pretrained`` writes them.
+    """
+    import copy
+
+    from safetensors.torch import save_file
+
+    target = Path(folder).expanduser()
+    target.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights written are plain floats
+    config.save_pretrained(str(target))
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        tensors[name] = tensor.detach().cpu().contiguous()
+    save_file(tensors, str(target / SINGLE_FILE), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(target))
+    return target
+
+
 def load_into(module: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device | str) -> None:
     """Replace ``module``'s parameters and buffers named in ``tensors`` (meta or not) by them, on ``device``."""
     state = {name: tensor.to(device) for name, tensor in tensors.items()}
     module.load_state_dict(state, strict=False, assign=True)
 
 
-__all__ = ["Checkpoint", "INDEX_FILE", "SINGLE_FILE", "load_into"]
+__all__ = ["Checkpoint", "INDEX_FILE", "SINGLE_FILE", "load_into", "write_checkpoint"]

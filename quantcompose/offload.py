@@ -35,6 +35,7 @@ from quantcompose.checkpoint import Checkpoint, load_into
 from quantcompose.errors import ModelLoadError, OffloadError
 from quantcompose.model_scope import model_facts
 from quantcompose.models import get_adapter
+from quantcompose.qlinear import QuantLinear
 from quantcompose.saving import check_save_target, save_quantized
 from quantcompose.work_folder import WorkFolder, work_folder_for
 
@@ -48,6 +49,18 @@ def _module_name(model: nn.Module, module: nn.Module) -> str:
 
 def _meta_names(module: nn.Module) -> list[str]:
     return [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+
+
+def _release(layer: nn.Module) -> None:
+    """Free a finished layer (back to meta), keeping its modules and what hangs on them (attention quantizers).
+
+    A freshly quantized layer still holds what folding needed (the float64 inverses cached on its
+    transforms, often more than its codes); the work folder's file holds what runs, read back to save.
+    """
+    for module in layer.modules():
+        if isinstance(module, QuantLinear):
+            module.transform = None  # a transform cannot be built on meta, and is read back with the layer
+    layer.to("meta")
 
 
 def _refuse_model_plan(run_parts: tuple[Any, Any, dict[str, Any]], settings: Any) -> None:
@@ -116,8 +129,9 @@ def quantize_offloaded(
     :func:`quantcompose.quantize`; the result equals what
     :func:`quantcompose.quantize` gives on the whole model in memory with the
     same arguments. Only one decoder layer's weights and the calibration
-    activations are on ``device`` at a time; finished layers are kept on the
-    CPU in quantized form until the model is saved.
+    activations are on ``device`` at a time; finished layers wait in the work
+    folder and are read back (as :func:`~quantcompose.saving.load_quantized`
+    would build them) only to save the model.
 
     Finished layers are written to a work folder beside ``output``
     (``.NAME.qc-offload``): a run restarted with the same arguments after
@@ -162,13 +176,17 @@ def quantize_offloaded(
                 names = list(layer.state_dict())
                 tensors = checkpoint.read([f"{prefix}{index}.{name}" for name in names], dtype)
                 load_into(layer, {name: tensors[f"{prefix}{index}.{name}"] for name in names}, device)
+                del tensors
                 first = len(run.report.places)
                 inputs = pipeline.quantize_layer_step(run, index, layer, inputs)
                 work.save_layer(index, layer, run.generator, run.report.places[first:])
                 if after_layer is not None:
                     after_layer(index)
-            layer.to("cpu")
+            _release(layer)
         pipeline.finish_run(run, inputs)
+        del inputs
+        for index, layer in enumerate(layers):
+            work.load_layer(index, layer)
     model.to("cpu")
     setattr(model, RECIPE_ATTRIBUTE, recipe)
     save_quantized(model, target, tokenizer=tokenizer, overwrite=overwrite, recipe=recipe)

@@ -106,8 +106,13 @@ class WorkFolder:
         _write_atomically(self._layer_file(index), lambda p: save_file(tensors, str(p), metadata=metadata))
         self._write_state(index + 1)
 
-    def load_layer(self, index: int, layer: nn.Module, generator: torch.Generator) -> list[dict[str, Any]]:
-        """Fill the skeleton ``layer`` with finished layer ``index``, restore the RNG; returns its report lines."""
+    def load_layer(
+        self, index: int, layer: nn.Module, generator: torch.Generator | None = None
+    ) -> list[dict[str, Any]]:
+        """Fill the skeleton ``layer`` with finished layer ``index`` (on the CPU); returns its report lines.
+
+        ``generator`` (when given) is set to the state the run's generator had after that layer.
+        """
         from safetensors import safe_open
 
         file = self._layer_file(index)
@@ -120,7 +125,8 @@ class WorkFolder:
         rebuild_quantized(file, layer, manifest["quantized_layers"], transforms)
         state = {k[len(_STATE_PREFIX):]: v for k, v in tensors.items() if k.startswith(_STATE_PREFIX)}
         layer.load_state_dict(state, strict=True, assign=True)
-        generator.set_state(tensors[_GENERATOR])
+        if generator is not None:
+            generator.set_state(tensors[_GENERATOR])
         return json.loads(metadata["report"])
 
     def remove(self) -> None:

@@ -10,11 +10,13 @@ import torch
 from torch import nn
 
 from quantcompose import pipeline, quantize
+from quantcompose.checkpoint import write_checkpoint
 from quantcompose.errors import ModelLoadError, OffloadError
 from quantcompose.offload import quantize_offloaded
 from quantcompose.qlinear import QuantLinear
 from quantcompose.saving import WEIGHTS_NAME, load_quantized
 from quantcompose.work_folder import work_folder_for
+from realmodel import requires_model
 from toymodel import tiny_llama
 
 LAYERS = 4
@@ -73,9 +75,9 @@ def test_only_the_layer_being_quantized_is_materialized(checkpoint, tmp_path, mo
         layers = run.adapter.layers()
         later = [p for j in range(index + 1, LAYERS) for p in layers[j].parameters()]
         assert all(p.is_meta for p in later) and (later or index == LAYERS - 1)
-        for j in range(index):  # finished: quantized, nothing float left in a linear
+        for j in range(index):  # finished: quantized, written to the work folder, freed
             assert not any(type(m) is nn.Linear for m in layers[j].modules())
-            assert any(isinstance(m, QuantLinear) for m in layers[j].modules())
+            assert all(t.is_meta for t in [*layers[j].parameters(), *layers[j].buffers()])
         assert not any(p.is_meta for p in layer.parameters())
         seen.append(index)
         return step(run, index, layer, inputs)
@@ -172,3 +174,39 @@ def test_cli_offload(checkpoint, tmp_path, capsys):
     assert "offloaded on cpu" in capsys.readouterr().out
     model, _ = load_quantized(out)
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 7 * LAYERS
+
+
+@pytest.mark.slow
+@requires_model
+def test_smollm2_offloaded_equals_in_memory(tmp_path):
+    import copy
+
+    from realmodel import load_smollm2
+
+    base, tokenizer = load_smollm2()
+    write_checkpoint(base, tmp_path / "smollm2")  # save_pretrained refuses a model loaded from GGUF
+    recipe = {"method": "rtn", "wbits": 8, "abits": 8, "weight_quantizer": "rtn", "qkv_bits": 16}
+    tokens = torch.randint(0, base.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+    quantize_offloaded(tmp_path / "smollm2", tmp_path / "out", recipe=recipe, calibration=tokens, progress=False)
+    model = copy.deepcopy(base)
+    quantize(model, recipe=recipe, calibration=tokens, progress=False)
+    ids = tokenizer("Offloaded quantization keeps one layer in memory.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path / "out")[0](ids).logits, model(ids).logits)
+
+
+def test_write_checkpoint_drops_the_gguf_quantization_and_writes_tied_tensors_once(tmp_path):
+    import json
+
+    from quantcompose.checkpoint import Checkpoint
+
+    model = tiny_llama(layers=1, hidden=64)
+    model.config.quantization_config = {"quant_method": "gguf"}  # what a GGUF load leaves behind
+    folder = write_checkpoint(model, tmp_path / "ckpt")
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    assert hasattr(model.config, "quantization_config")  # the model's own config is untouched
+    checkpoint = Checkpoint(folder)
+    assert "lm_head.weight" not in checkpoint.files  # tied: the embedding is written once
+    state = model.state_dict()
+    for name, tensor in checkpoint.read(checkpoint.files).items():
+        assert torch.equal(tensor, state[name])
