@@ -185,7 +185,9 @@ def test_smollm2_offloaded_equals_in_memory(tmp_path):
 
     base, tokenizer = load_smollm2()
     write_checkpoint(base, tmp_path / "smollm2")  # save_pretrained refuses a model loaded from GGUF
-    recipe = {"method": "rtn", "wbits": 8, "abits": 8, "weight_quantizer": "rtn", "qkv_bits": 16}
+    # The cheapest settings: the test is about where the weights come from, not how they are rounded.
+    recipe = {"method": "rtn", "wbits": 8, "abits": 8, "weight_quantizer": "rtn", "qkv_bits": 16,
+              "weight_clip_search": False, "act_clip_search": False}
     tokens = torch.randint(0, base.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
     quantize_offloaded(tmp_path / "smollm2", tmp_path / "out", recipe=recipe, calibration=tokens, progress=False)
     model = copy.deepcopy(base)
