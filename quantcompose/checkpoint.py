@@ -64,7 +64,12 @@ class Checkpoint:
 
     def skeleton(self, dtype: torch.dtype = torch.float32) -> nn.Module:
         """The model with every parameter on the ``meta`` device (buffers such as RoPE's are real)."""
-        from accelerate import init_empty_weights
+        try:
+            from accelerate import init_empty_weights
+        except ImportError:
+            raise ModelLoadError(
+                "offloaded quantization needs the accelerate package: pip install 'quantcompose[offload]'"
+            ) from None
         from transformers import AutoModelForCausalLM
 
         with init_empty_weights():
