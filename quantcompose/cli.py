@@ -218,10 +218,11 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     manager = get_plugin_manager()
     # The method, its options and the bits are checked before anything is loaded.
     recipe = recipe.resolve(manager)
-    if args.offload:
-        from quantcompose.offload_cli import run_offloaded
+    from quantcompose.offload_cli import refuse_without_offload, run_offloaded
 
+    if args.offload:
         return run_offloaded(args, recipe, manager)
+    refuse_without_offload(args)
     torch.manual_seed(args.seed)
     model, tokenizer = _load(args.model)
     from quantcompose.models import get_adapter

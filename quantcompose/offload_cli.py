@@ -23,6 +23,14 @@ def add_offload_arguments(parser: argparse.ArgumentParser) -> None:
                        help="with --offload: discard an interrupted run of other arguments instead of refusing")
 
 
+def refuse_without_offload(args: argparse.Namespace) -> None:
+    """``--device`` and ``--restart`` mean something only with ``--offload``: say so rather than ignore them."""
+    for flag, given in (("--device", args.device != "cpu"), ("--restart", args.restart)):
+        if given:
+            raise UsageError(f"{flag} applies to offloaded quantization only; add --offload (with --model "
+                             "CHECKPOINT_DIR --save DIR), or drop it")
+
+
 def _tokenizer_of(folder: Path) -> Any:
     if not (folder / "tokenizer_config.json").is_file():
         return None
@@ -60,4 +68,4 @@ def run_offloaded(args: argparse.Namespace, recipe: Any, manager: Any) -> int:
     return 0
 
 
-__all__ = ["add_offload_arguments", "run_offloaded"]
+__all__ = ["add_offload_arguments", "refuse_without_offload", "run_offloaded"]

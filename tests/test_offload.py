@@ -170,6 +170,8 @@ def test_cli_offload(checkpoint, tmp_path, capsys):
             "--nsamples", "2", "--calib-seqlen", "16", "--quiet"]
     assert main(argv) == 2
     assert "--offload writes the model as it goes and needs --save DIR" in capsys.readouterr().err
+    assert main(["quantize", "--device", "cuda", "--model", str(checkpoint)]) == 2
+    assert "--device applies to offloaded quantization only" in capsys.readouterr().err
     assert main([*argv, "--save", str(out)]) == 0
     assert "offloaded on cpu" in capsys.readouterr().out
     model, _ = load_quantized(out)
