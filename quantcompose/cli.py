@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     from quantcompose.recipe_cli import add_recipe_argument
 
     add_recipe_argument(q)  # after every flag a recipe can set
+    from quantcompose.offload_cli import add_offload_arguments
+
+    add_offload_arguments(q)
 
     e = sub.add_parser("eval", help="perplexity and zero-shot tasks (lm-eval) of a model or of a saved quantized model")
     _add_model_args(e)
@@ -225,6 +228,11 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     manager = get_plugin_manager()
     # The method, its options and the bits are checked before anything is loaded.
     recipe = recipe.resolve(manager)
+    from quantcompose.offload_cli import refuse_without_offload, run_offloaded
+
+    if args.offload:
+        return run_offloaded(args, recipe, manager)
+    refuse_without_offload(args)
     torch.manual_seed(args.seed)
     model, tokenizer = _load(args.model)
     from quantcompose.models import get_adapter

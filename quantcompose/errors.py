@@ -81,3 +81,7 @@ class UnsupportedExportSettingsError(ExportError):
 
 class UnexportableTransformError(ExportError):
     """A layer's online transform cannot be expressed in the target format, nor folded away exactly."""
+
+
+class OffloadError(QuantComposeError, ValueError):
+    """An offloaded quantization cannot run as asked (a model-wide strategy, a work folder of another run)."""

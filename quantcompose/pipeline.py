@@ -562,7 +562,57 @@ def quantize_model(
     """
     settings = settings or QuantSettings()
     manager = manager or get_plugin_manager()
-    adapter, strategy, resolved = prepare(model, method, settings, options, manager)
+    run = start_run(model, calib_tokens, method, settings, options, manager=manager, sample_rows=sample_rows,
+                    progress=progress, workers=workers, targets=targets)
+    layers = run.adapter.layers()
+    with torch.no_grad():
+        inputs = capture_first_layer_inputs(model, layers, calib_tokens, batch_size)
+        for index in tqdm(range(len(layers)), desc=f"{method} layers", disable=not progress):
+            inputs = quantize_layer_step(run, index, layers[index], inputs)
+        finish_run(run, inputs)
+    return run.report
+
+
+@dataclass
+class PipelineRun:
+    """What every layer of one quantization run shares: the checked strategy, its settings, the RNG.
+
+    Built by :func:`start_run`; :func:`quantize_layer_step` quantizes one
+    layer with it and :func:`finish_run` ends the run. The in-memory
+    pipeline (:func:`quantize_model`) and the offloaded one
+    (:mod:`quantcompose.offload`) both drive these three, so a layer is
+    quantized by one piece of code whichever holds the model.
+    """
+
+    adapter: ModelAdapter
+    strategy: Strategy
+    options: dict[str, Any]
+    settings: QuantSettings
+    weight_quantizer: WeightQuantizer
+    generator: torch.Generator
+    facts: ModelFacts
+    plan: ModelPlan | None
+    attention_quantizers: list[AttentionQuantizer | None]
+    report: QuantizationReport
+    targets: PlaceTargets | None = None
+    sample_rows: int = 2048
+    workers: int = 1
+    progress: bool = True
+    started: float = 0.0
+
+    def job(self, index: int, layer: nn.Module, inputs: list, places: list[InputPlace], **changes: Any) -> LayerJob:
+        """The :class:`LayerJob` of ``layer`` (``changes`` override its fields)."""
+        fields: dict[str, Any] = dict(
+            layer=layer, index=index, places=places, inputs=inputs, strategy=self.strategy, options=self.options,
+            settings=self.settings, weight_quantizer=self.weight_quantizer, generator=self.generator,
+            sample_rows=self.sample_rows, workers=self.workers, facts=self.facts, progress=self.progress,
+        )
+        fields.update(changes)
+        return LayerJob(**fields)
+
+
+def check_calibration_tokens(model: nn.Module, calib_tokens: torch.Tensor) -> None:
+    """Raise :class:`CalibrationError` unless ``calib_tokens`` are ``(nsamples, seqlen)`` ids in the vocabulary."""
     if not isinstance(calib_tokens, torch.Tensor) or calib_tokens.ndim != 2 or calib_tokens.numel() == 0:
         shape = tuple(calib_tokens.shape) if isinstance(calib_tokens, torch.Tensor) else type(calib_tokens).__name__
         raise CalibrationError(f"calibration tokens must be a non-empty (nsamples, seqlen) tensor, got {shape}")
@@ -575,11 +625,30 @@ def quantize_model(
     if vocab is not None and (calib_tokens.min() < 0 or calib_tokens.max() >= vocab):
         raise CalibrationError(f"calibration token ids must lie in [0, {vocab}); got ids outside that range")
 
+
+def start_run(
+    model: nn.Module,
+    calib_tokens: torch.Tensor,
+    method: str,
+    settings: QuantSettings,
+    options: dict[str, Any] | None,
+    *,
+    manager: StrategyManager,
+    sample_rows: int = 2048,
+    progress: bool = True,
+    workers: int | None = None,
+    targets: PlaceTargets | None = None,
+) -> PipelineRun:
+    """Check everything, carry out the model-scope plan and prepare attention quantization.
+
+    Touches only the embedding and LM head (rounded to the storage dtype)
+    unless the strategy has a model-scope plan, which rewrites every layer.
+    """
+    adapter, strategy, resolved = prepare(model, method, settings, options, manager)
+    check_calibration_tokens(model, calib_tokens)
     workers = torch.get_num_threads() if workers is None else max(1, int(workers))
     report = QuantizationReport(method, settings, resolved)
-    start = time.perf_counter()
-    generator = torch.Generator().manual_seed(settings.seed)
-    weight_quantizer = get_weight_quantizer(settings.weight_quantizer)
+    started = time.perf_counter()
     facts = model_facts(adapter)
     plan = model_plan_for(strategy, facts, resolved, settings)
     if plan is not None:
@@ -597,52 +666,58 @@ def quantize_model(
         # Switch the attention implementation now; each layer's quantizer goes on as it is quantized.
         install_attention_quantization(model, {}, layers=[adapter.attention(layer) for layer in layers])
         report.attention = quantized_attention[0].describe()
+    return PipelineRun(
+        adapter=adapter, strategy=strategy, options=resolved, settings=settings,
+        weight_quantizer=get_weight_quantizer(settings.weight_quantizer),
+        generator=torch.Generator().manual_seed(settings.seed), facts=facts, plan=plan,
+        attention_quantizers=attention_quantizers, report=report, targets=targets, sample_rows=sample_rows,
+        workers=workers, progress=progress, started=started,
+    )
 
+
+def quantize_layer_step(
+    run: PipelineRun, index: int, layer: nn.Module, inputs: list[tuple[torch.Tensor, dict[str, Any]]]
+) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """Quantize decoder layer ``index`` in place on its calibration ``inputs``; returns the next layer's inputs.
+
+    The layer's report lines are appended to ``run.report.places``.
+    """
+    for hidden, _ in inputs:
+        _check_finite(hidden, f"the input of layer {index}")
+    places = run.adapter.places(layer)
+    place_settings: dict[str, QuantSettings] = {}
+    if run.targets is not None:
+        chosen = {p.name: run.targets.settings_for(index, p.name) for p in places}
+        places = [p for p in places if chosen[p.name] is not None]
+        place_settings = {name: s for name, s in chosen.items() if s is not None and s != run.settings}
+    job = run.job(index, layer, inputs, places, attention_quantizer=run.attention_quantizers[index],
+                  attention=run.adapter.attention(layer), place_settings=place_settings)
+    if places:
+        run.report.places += quantize_layer(job)
+    elif job.attention_quantizer is not None:
+        set_attention_quantizer(job.attention, job.attention_quantizer)
+    return run_layer(layer, inputs)
+
+
+def run_layer(
+    layer: nn.Module, inputs: list[tuple[torch.Tensor, dict[str, Any]]]
+) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """``layer``'s outputs on ``inputs``, paired with the same keyword arguments: the next layer's inputs."""
     with torch.no_grad():
-        inputs = capture_first_layer_inputs(model, layers, calib_tokens, batch_size)
-        for index in tqdm(range(len(layers)), desc=f"{method} layers", disable=not progress):
-            layer = layers[index]
-            for hidden, _ in inputs:
-                _check_finite(hidden, f"the input of layer {index}")
-            places = adapter.places(layer)
-            place_settings: dict[str, QuantSettings] = {}
-            if targets is not None:
-                chosen = {p.name: targets.settings_for(index, p.name) for p in places}
-                places = [p for p in places if chosen[p.name] is not None]
-                place_settings = {name: s for name, s in chosen.items() if s is not None and s != settings}
-            job = LayerJob(
-                layer=layer,
-                index=index,
-                places=places,
-                inputs=inputs,
-                strategy=strategy,
-                options=resolved,
-                settings=settings,
-                weight_quantizer=weight_quantizer,
-                generator=generator,
-                sample_rows=sample_rows,
-                workers=workers,
-                facts=facts,
-                attention_quantizer=attention_quantizers[index],
-                attention=adapter.attention(layer),
-                progress=progress,
-                place_settings=place_settings,
-            )
-            if places:
-                report.places += quantize_layer(job)
-            elif job.attention_quantizer is not None:
-                set_attention_quantizer(job.attention, job.attention_quantizer)
-            inputs = [(_layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
-            for module in layer.modules():  # free the last batch the siblings shared
-                if isinstance(module, QuantLinear) and module.shared_input is not None:
-                    module.shared_input.clear()
-        if targets is not None and targets.head is not None:
-            job = replace(job, index=len(layers), inputs=inputs, settings=targets.head, place_settings={},
-                          attention_quantizer=None, attention=None)
-            report.places += quantize_head(adapter, job)
-    hold_in_storage(model)
-    report.seconds = time.perf_counter() - start
-    return report
+        outputs = [(_layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+    for module in layer.modules():  # free the last batch the siblings shared
+        if isinstance(module, QuantLinear) and module.shared_input is not None:
+            module.shared_input.clear()
+    return outputs
+
+
+def finish_run(run: PipelineRun, inputs: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
+    """Quantize the LM head if the targets ask for it (on the last layer's ``inputs``), hold floats in storage."""
+    if run.targets is not None and run.targets.head is not None:
+        job = run.job(len(run.adapter.layers()), run.adapter.model, inputs, [], settings=run.targets.head)
+        run.report.places += quantize_head(run.adapter, job)
+    hold_in_storage(run.adapter.model)
+    run.report.seconds = time.perf_counter() - run.started
 
 
 class _HeadBlock(nn.Module):
@@ -705,12 +780,19 @@ def count_quantized(model: nn.Module) -> int:
 
 __all__ = [
     "LayerJob",
+    "PipelineRun",
     "QuantizationReport",
+    "capture_first_layer_inputs",
+    "check_calibration_tokens",
+    "finish_run",
     "count_quantized",
     "model_plan_for",
     "prepare",
     "quantize_head",
     "quantize_layer",
+    "quantize_layer_step",
     "quantize_model",
+    "run_layer",
     "split_absorbable",
+    "start_run",
 ]

@@ -130,12 +130,12 @@ def _distinct_transforms(model: nn.Module) -> tuple[dict[str, Transform], dict[s
     return distinct, used_by
 
 
-def _write_files(
-    model: nn.Module, directory: Path, tokenizer: Any, metadata: dict[str, Any] | None, recipe: Any = None
-) -> None:
-    """Write a complete saved model into the empty directory ``directory``, manifest last."""
-    tensors, aliases = _unique_state(model)
-    distinct, used_by = _distinct_transforms(model)
+def describe_quantized(module: nn.Module) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    """``(quantized_layers, transforms, transform_tensors)``: the manifest's view of ``module``'s QuantLinears.
+
+    Names are relative to ``module``; :func:`rebuild_quantized` turns them back into empty layers.
+    """
+    distinct, used_by = _distinct_transforms(module)
     transform_configs: dict[str, Any] = {}
     transform_tensors: dict[str, torch.Tensor] = {}
     for key, transform in distinct.items():
@@ -143,19 +143,28 @@ def _write_files(
         transform_configs[key] = config
         transform_tensors.update({k: v.detach().cpu().contiguous() for k, v in flat.items()})
     layers: dict[str, Any] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
+    for name, layer in module.named_modules():
+        if isinstance(layer, QuantLinear):
             layers[name] = {
-                "in_features": module.in_features,
-                "out_features": module.out_features,
-                "bias": module.bias is not None,
-                "float_dtype": _dtype_name(module._float_dtype),
-                "packed": module.packed,
-                "act_spec": spec_to_dict(module.act_spec),
-                "weight_spec": spec_to_dict(module.weight_spec),
-                "output_spec": spec_to_dict(module.output_spec),
+                "in_features": layer.in_features,
+                "out_features": layer.out_features,
+                "bias": layer.bias is not None,
+                "float_dtype": _dtype_name(layer._float_dtype),
+                "packed": layer.packed,
+                "act_spec": spec_to_dict(layer.act_spec),
+                "weight_spec": spec_to_dict(layer.weight_spec),
+                "output_spec": spec_to_dict(layer.output_spec),
                 "transform": used_by.get(name),
             }
+    return layers, transform_configs, transform_tensors
+
+
+def _write_files(
+    model: nn.Module, directory: Path, tokenizer: Any, metadata: dict[str, Any] | None, recipe: Any = None
+) -> None:
+    """Write a complete saved model into the empty directory ``directory``, manifest last."""
+    tensors, aliases = _unique_state(model)
+    layers, transform_configs, transform_tensors = describe_quantized(model)
     attention, attention_tensors = _attention_state(model)
     transform_tensors.update(attention_tensors)
     save_file(tensors, str(directory / WEIGHTS_NAME))
@@ -455,7 +464,7 @@ def _check_codes(source: Path, manifest: dict[str, Any], tensors: dict[str, torc
                         f"{spec.bits} allows [{spec.qmin}, {spec.qmax}]")
 
 
-def _build_transforms(source: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Transform]:
+def build_transforms(source: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Transform]:
     built: dict[str, Transform] = {}
     for key, config in manifest["transforms"].items():
         try:
@@ -549,6 +558,29 @@ def _attach_recipe(source: Path, model: nn.Module, data: bytes) -> None:
     setattr(model, RECIPE_ATTRIBUTE, recipe)
 
 
+def rebuild_quantized(
+    source: Path, module: nn.Module, layers: dict[str, Any], transforms: dict[str, Transform]
+) -> None:
+    """Put an empty :class:`QuantLinear` wherever ``layers`` (from :func:`describe_quantized`) names one.
+
+    Their buffers are to be filled by ``load_state_dict``; ``transforms`` are the rebuilt
+    transforms by key. Problems are reported against the manifest in ``source``.
+    """
+    for name, layer in layers.items():
+        quantized = QuantLinear.empty(
+            layer["in_features"], layer["out_features"], bias=layer["bias"],
+            transform=None if layer["transform"] is None else transforms[layer["transform"]],
+            act_spec=_layer_spec(source, layer, "act_spec", name),
+            weight_spec=_layer_spec(source, layer, "weight_spec", name),
+            output_spec=_layer_spec(source, layer, "output_spec", name),
+            dtype=_DTYPES[layer["float_dtype"]],
+        )
+        try:
+            set_submodule(module, name, quantized)
+        except (AttributeError, KeyError) as exc:
+            raise _fail(source, CONFIG_NAME, f"quantized_layers names {name}, which the model does not have") from exc
+
+
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
     """Load a model saved by :func:`save_quantized`; returns ``(model, tokenizer or None)``.
 
@@ -567,7 +599,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
         _check_tensors(source, TRANSFORMS_NAME, transform_tensors, manifest["transform_tensors"])
         _check_layers(source, manifest)
         _check_codes(source, manifest, weights)
-        transforms = _build_transforms(source, manifest, transform_tensors)
+        transforms = build_transforms(source, manifest, transform_tensors)
     except (KeyError, TypeError, AttributeError) as exc:
         # Only a manifest written by hand, checksums recomputed, gets here.
         raise _fail(source, CONFIG_NAME, f"an entry is malformed ({type(exc).__name__}: {exc})") from None
@@ -577,19 +609,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
         weights[alias] = weights[stored]
 
     model = _new_model(source, manifest)
-    for name, layer in manifest["quantized_layers"].items():
-        module = QuantLinear.empty(
-            layer["in_features"], layer["out_features"], bias=layer["bias"],
-            transform=None if layer["transform"] is None else transforms[layer["transform"]],
-            act_spec=_layer_spec(source, layer, "act_spec", name),
-            weight_spec=_layer_spec(source, layer, "weight_spec", name),
-            output_spec=_layer_spec(source, layer, "output_spec", name),
-            dtype=_DTYPES[layer["float_dtype"]],
-        )
-        try:
-            set_submodule(model, name, module)
-        except (AttributeError, KeyError) as exc:
-            raise _fail(source, CONFIG_NAME, f"quantized_layers names {name}, which the model does not have") from exc
+    rebuild_quantized(source, model, manifest["quantized_layers"], transforms)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
