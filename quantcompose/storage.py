@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantcompose.errors import QuantSpecError
+from quantcompose.errors import QuantSpecError, TransformError
 from quantcompose.transforms import BlockLinear, BlockRotation, Compose, Scale, Transform
 from quantcompose.transforms.serialize import state_tensors
 
@@ -83,7 +83,7 @@ def _stored_atom(atom: Transform, dtype: torch.dtype) -> Transform:
             rounded = BlockLinear._trusted(blocks)
             try:
                 rounded.inv  # noqa: B018 - computed now so a singular rounding falls back here
-            except Exception:
+            except TransformError:
                 pass
             else:
                 return rounded
