@@ -73,13 +73,12 @@ def test_folding_the_plan_leaves_logits_unchanged(method, residual_rotation):
 
 
 # OmniQuant's learned clipping starts clipped (sigmoid(4) ≈ 0.98) and, trained one step at lr 0.1
-# (the test's shortened schedule), gave W8A8 1.037x full precision on 3 windows: a known open
-# problem of its defaults (see docs/benchmarks.md), kept visible rather than hidden.
+# (the test's shortened schedule), costs about 2% at W8A8: 1.0196x full precision on this test's
+# 3 windows with round-to-nearest weights (1.037x with GPTQ). A known open problem of its
+# defaults (see docs/benchmarks.md), kept visible rather than hidden; strict=False because it
+# sits at the bound. (SmoothQuant, at the bound with GPTQ weights, is at 1.008x here.)
 W8A8_XFAIL = {
-    "omniquant": "omniquant's short-schedule clipping costs 3.7% at W8A8",
-    # 30.301 against the 30.300 bound on this test's 3 windows with the default float16
-    # storage dtype: SmoothQuant sits at the threshold (strict=False: it may pass either way).
-    "smoothquant": "smoothquant W8A8 sits at the 2% bound (2.003% measured with float16 storage)",
+    "omniquant": "omniquant's short-schedule clipping costs about 2% at W8A8 (1.0196x measured)",
 }
 W8A8_CASES = [
     pytest.param(m, marks=pytest.mark.xfail(reason=W8A8_XFAIL[m], strict=False)) if m in W8A8_XFAIL else m
@@ -87,29 +86,46 @@ W8A8_CASES = [
 ]
 
 
-@pytest.mark.parametrize("method", W8A8_CASES)
-def test_w8a8_within_two_percent_of_full_precision(method):
+@pytest.fixture(scope="module")
+def fp_ppl_3_windows() -> float:
     reference, _ = load_smollm2()
+    return perplexity(reference, wikitext2_test_tokens(), seqlen=512, max_windows=3, progress=False)
+
+
+@pytest.mark.parametrize("method", W8A8_CASES)
+def test_w8a8_within_two_percent_of_full_precision(method, fp_ppl_3_windows):
+    """Each strategy's plan keeps W8A8 within 2% of full precision.
+
+    Round-to-nearest weights: the check is on the strategy's transforms and
+    quantizers, and GPTQ (two thirds of the time of each run here) has its own
+    tests, and the W4A4 test below and every benchmark run it on this model.
+    """
     tokens = wikitext2_test_tokens()
-    fp = perplexity(reference, tokens, seqlen=512, max_windows=3, progress=False)
-    model, _ = _quantized_copy(method, 8, 8, nsamples=4, seqlen=256)
+    fp = fp_ppl_3_windows
+    model, _ = _quantized_copy(method, 8, 8, nsamples=4, seqlen=256, weight_quantizer="rtn")
     ppl = perplexity(model, tokens, seqlen=512, max_windows=3, progress=False)
     assert ppl <= fp * 1.02, f"{method} W8A8 perplexity {ppl:.2f} vs full precision {fp:.2f}"
 
 
-def test_duquant_w4a4_beats_round_to_nearest_by_far():
+@pytest.fixture(scope="module")
+def duquant_w4a4():
+    """One DuQuant W4A4 model (GPTQ weights) shared by the tests that only read it."""
+    return _quantized_copy("duquant", 4, 4)[0]
+
+
+def test_duquant_w4a4_beats_round_to_nearest_by_far(duquant_w4a4):
     tokens = wikitext2_test_tokens()
     rtn, _ = _quantized_copy("rtn", 4, 4)
-    duquant, _ = _quantized_copy("duquant", 4, 4)
+    duquant = duquant_w4a4
     ppl_rtn = perplexity(rtn, tokens, seqlen=512, max_windows=2, progress=False)
     ppl_dq = perplexity(duquant, tokens, seqlen=512, max_windows=2, progress=False)
     assert ppl_dq * 5 < ppl_rtn, (ppl_dq, ppl_rtn)
 
 
-def test_save_load_round_trip_gives_identical_logits(tmp_path):
+def test_save_load_round_trip_gives_identical_logits(tmp_path, duquant_w4a4):
     from quantcompose.saving import load_quantized, save_quantized
 
-    model, _ = _quantized_copy("duquant", 4, 4)
+    model = duquant_w4a4
     tokenizer = load_smollm2()[1]
     target = tmp_path / "w4a4"
     size = save_quantized(model, target, tokenizer=tokenizer)
