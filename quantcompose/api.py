@@ -137,9 +137,22 @@ def prepare_quantization(
         chosen = _with_given_tokens(chosen, given)
     resolved = chosen.resolve(manager)
     targets = resolve_targets(get_adapter(model), resolved)
+    if resolved.embedding_bits is not None:
+        _check_embedding_setting(model, resolved, targets, manager)
     # The pipeline checks given tokens (shape, dtype, range) before it changes anything.
     tokens = given if given is not None else _calibration_tokens(resolved, model, tokenizer)
     return PreparedQuantization(model, resolved, targets, tokens, manager)
+
+
+def _check_embedding_setting(model: nn.Module, recipe: Recipe, targets: PlaceTargets, manager: Any) -> None:
+    """``embedding_bits`` against the model's tied head, as the pipeline will see it (before any evaluation)."""
+    from quantcompose.model_scope import model_facts
+    from quantcompose.pipeline import check_embedding_setting, model_plan_for, prepare
+
+    settings = recipe.settings()
+    adapter, strategy, options = prepare(model, recipe.method, settings, dict(recipe.options), manager)
+    plan = model_plan_for(strategy, model_facts(adapter), options, settings)
+    check_embedding_setting(adapter, plan, settings, targets)
 
 
 def quantize(

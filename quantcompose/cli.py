@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--storage-dtype", choices=("float16", "bfloat16", "float32"), default=defaults.storage_dtype,
                    help="precision of the embeddings and online transforms the quantized model keeps; the "
                         "weights are folded exactly for the rounded transforms (default: %(default)s)")
+    q.add_argument("--embedding-bits", type=int, default=defaults.embedding_bits,
+                   help="store the embedding table as 8-bit (or 4-bit packed) codes with one scale and zero "
+                        "point per row (8 or 4), quantized after calibration; a head tied to the table "
+                        "must be quantized too, by a recipe target (default: float)")
     q.add_argument("--calib", default="random-zipf",
                    help="calibration data: 'random-zipf' (default: random tokens with a Zipf prior over token ids), "
                         "'random' (uniform random tokens), a text file path, or 'wikitext2' (datasets)")
@@ -165,6 +169,7 @@ def _check_common_args(args: argparse.Namespace) -> None:
 def _check_quantize_args(args: argparse.Namespace) -> None:
     """Everything `quantize` can check before the model is loaded, so that no work is wasted."""
     from quantcompose.data import RANDOM_SOURCES
+    from quantcompose.quant_embedding import EMBEDDING_BITS
     from quantcompose.saving import check_save_target, is_saved_model
 
     _check_common_args(args)
@@ -172,6 +177,9 @@ def _check_quantize_args(args: argparse.Namespace) -> None:
     if not 0 <= args.seed < MAX_SEED:
         raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
     _check_data_source(args.calib, "calibration (--calib)", (*RANDOM_SOURCES, "wikitext2"))
+    if args.embedding_bits is not None and args.embedding_bits not in EMBEDDING_BITS:
+        raise UsageError(f"--embedding-bits must be 8 or 4, got {args.embedding_bits}; omit it to keep the "
+                         "embedding table in float")
     if is_saved_model(args.model):
         raise UsageError(f"{args.model} is a saved quantcompose model, already quantized; "
                          f"use `quantcompose eval --model {args.model} --eval-data PATH` to evaluate it")

@@ -19,12 +19,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantcompose.attention_quant import AttentionQuantizer, install_attention_quantization, set_attention_quantizer
-from quantcompose.errors import CalibrationError
+from quantcompose.errors import CalibrationError, QuantSpecError
 from quantcompose.learning.fake_quant import clamp_to_bounds
 from quantcompose.model_scope import apply_model_plan, model_facts, residual_hadamard_plan
 from quantcompose.models import InputPlace, ModelAdapter, get_adapter, get_submodule, set_submodule
 from quantcompose.plugin_manager import StrategyManager, check_plan, get_plugin_manager
 from quantcompose.qlinear import QuantLinear, SharedInput
+from quantcompose.quant_embedding import quantize_embedding, tied_head_message
 from quantcompose.quant import QuantSpec, clamp_to_ratios, fake_quantize, search_act_clip_ratio, search_clip_ratios
 from quantcompose.quant.weight_quantizers import WeightQuantizer, get_weight_quantizer
 from quantcompose.storage import hold_in_storage, round_float_weights, storage_dtype, stored_transform
@@ -45,6 +46,7 @@ class QuantizationReport:
     places: list[dict[str, Any]] = field(default_factory=list)
     model_plan: dict[str, Any] | None = None  # what the model scope rewrote, if anything
     attention: str | None = None  # how Q/K/V are quantized, if they are
+    embedding: str | None = None  # the embedding table's quantizer, if it is quantized
 
 
 #: Calibration rows scoring each activation clip ratio (a strided subsample).
@@ -651,6 +653,7 @@ def start_run(
     started = time.perf_counter()
     facts = model_facts(adapter)
     plan = model_plan_for(strategy, facts, resolved, settings)
+    check_embedding_setting(adapter, plan, settings, targets)
     if plan is not None:
         apply_model_plan(adapter, plan)
         report.model_plan = _describe_model_plan(plan)
@@ -712,12 +715,35 @@ def run_layer(
 
 
 def finish_run(run: PipelineRun, inputs: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
-    """Quantize the LM head if the targets ask for it (on the last layer's ``inputs``), hold floats in storage."""
+    """Quantize the LM head if the targets ask for it (on the last layer's ``inputs``), hold floats in
+    storage, and quantize the embedding table last if the settings ask for it."""
     if run.targets is not None and run.targets.head is not None:
         job = run.job(len(run.adapter.layers()), run.adapter.model, inputs, [], settings=run.targets.head)
         run.report.places += quantize_head(run.adapter, job)
     hold_in_storage(run.adapter.model)
+    if run.settings.embedding_bits is not None:
+        # Last: the model scope rotated the table and calibration read it in float; from here on
+        # only the codes remain.
+        run.report.embedding = str(quantize_embedding(run.adapter.model, run.settings.embedding_bits).spec)
     run.report.seconds = time.perf_counter() - run.started
+
+
+def check_embedding_setting(
+    adapter: ModelAdapter, plan: ModelPlan | None, settings: QuantSettings, targets: PlaceTargets | None
+) -> None:
+    """Refuse ``embedding_bits`` before any work when the LM head would stay a float view of the table.
+
+    A head tied to the embedding that no model-scope plan unties (fused norms
+    do) and no target quantizes would need a float copy of the table; the
+    copy makes the model larger than one float table, so it is an error
+    rather than a silent change of the head.
+    """
+    if settings.embedding_bits is None:
+        return
+    untied_by_plan = plan is not None and plan.fuse_norms
+    head_quantized = targets is not None and targets.head is not None
+    if adapter.tied_embeddings() and not untied_by_plan and not head_quantized:
+        raise QuantSpecError(tied_head_message(settings.embedding_bits))
 
 
 class _HeadBlock(nn.Module):
@@ -784,6 +810,7 @@ __all__ = [
     "QuantizationReport",
     "capture_first_layer_inputs",
     "check_calibration_tokens",
+    "check_embedding_setting",
     "finish_run",
     "count_quantized",
     "model_plan_for",

@@ -45,6 +45,26 @@ def weight_layout(
     return {"weight_codes": codes, "weight_scale": (params, torch.float32), "weight_zero": (params, torch.float32)}
 
 
+def weight_buffers(q: QuantizedTensor, rows: int, cols: int) -> dict[str, torch.Tensor]:
+    """The buffers a ``(rows, cols)`` weight quantized as ``q`` is stored in (the names of :func:`weight_layout`).
+
+    Codes are int4-packed two per byte where :func:`is_packed` says so; scales and zero points float32.
+    """
+    codes = q.codes.reshape(rows, cols)
+    if is_packed(q.spec, cols):
+        codes = pack_int4(codes, signed=q.spec.symmetric)
+    return {"weight_codes": codes, "weight_scale": q.scale.float(), "weight_zero": q.zero_point.float()}
+
+
+def stored_weight(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, cols: int
+) -> QuantizedTensor:
+    """The :class:`QuantizedTensor` of stored weight rows (any leading shape, ``cols`` wide), codes unpacked."""
+    if is_packed(spec, cols):
+        codes = unpack_int4(codes, signed=spec.symmetric)
+    return QuantizedTensor(codes=codes, scale=scale, zero_point=zero, spec=spec, shape=codes.shape)
+
+
 # id(source) -> (weak reference to source, {(device, dtype): cast}). Sibling
 # linears (q/k/v, gate/up) receive one online transform object; casting or
 # moving it through this cache keeps them sharing one copy, in memory and on disk.
@@ -140,12 +160,8 @@ class QuantLinear(nn.Module):
         else:
             # A weight quantizer such as GPTQ may hand over its own codes.
             q = quantized_weight if quantized_weight is not None else quantize(weight.detach().float(), weight_spec)
-            codes = q.codes.reshape(self.out_features, self.in_features)
-            if self.packed:
-                codes = pack_int4(codes, signed=weight_spec.symmetric)
-            self.register_buffer("weight_codes", codes)
-            self.register_buffer("weight_scale", q.scale.float())
-            self.register_buffer("weight_zero", q.zero_point.float())
+            for name, tensor in weight_buffers(q, self.out_features, self.in_features).items():
+                self.register_buffer(name, tensor)
 
     @classmethod
     def empty(
@@ -221,11 +237,6 @@ class QuantLinear(nn.Module):
         self.packed = weight_spec is not None and is_packed(weight_spec, in_features)
 
     # -- weights ---------------------------------------------------------------
-    def _codes(self) -> torch.Tensor:
-        if self.packed:
-            return unpack_int4(self.weight_codes, signed=self.weight_spec.symmetric)
-        return self.weight_codes
-
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight the layer multiplies by, de-quantized from the codes on every call.
 
@@ -235,13 +246,7 @@ class QuantLinear(nn.Module):
         """
         if self.weight_spec is None:
             return self.weight
-        q = QuantizedTensor(
-            codes=self._codes(),
-            scale=self.weight_scale,
-            zero_point=self.weight_zero,
-            spec=self.weight_spec,
-            shape=torch.Size((self.out_features, self.in_features)),
-        )
+        q = stored_weight(self.weight_codes, self.weight_scale, self.weight_zero, self.weight_spec, self.in_features)
         return dequantize(q).reshape(self.out_features, self.in_features).to(self._float_dtype)
 
     def _apply(self, fn, recurse=True):  # drop the kernel operands on .to()/.half()/.cuda()

@@ -96,6 +96,7 @@ class Recipe:
     true_sequential: bool = _DEFAULT_SETTINGS.true_sequential
     residual_rotation: bool = _DEFAULT_SETTINGS.residual_rotation
     storage_dtype: str = _DEFAULT_SETTINGS.storage_dtype
+    embedding_bits: int | None = _DEFAULT_SETTINGS.embedding_bits
     seed: int = _DEFAULT_SETTINGS.seed
     calibration: CalibrationRecipe = field(default_factory=CalibrationRecipe)
     ignore: tuple[str, ...] = ("lm_head",)
@@ -232,14 +233,15 @@ class Recipe:
 # -------------------------------------------------------------------- keys and checks
 _SETTINGS_KEYS = (
     "wbits", "abits", "qkv_bits", "group_size", "weight_symmetric", "act_symmetric", "weight_quantizer",
-    "weight_clip_search", "act_clip_search", "true_sequential", "residual_rotation", "storage_dtype", "seed",
+    "weight_clip_search", "act_clip_search", "true_sequential", "residual_rotation", "storage_dtype", "embedding_bits",
+    "seed",
 )
 #: Scalar keys and what each must be: a type, or a tuple of types (``None`` allowed when listed).
 _SCALARS: dict[str, tuple[Any, ...]] = {
     "method": (str,), "wbits": (int,), "abits": (int,), "qkv_bits": (int, None), "group_size": (int, None),
     "weight_symmetric": (bool,), "act_symmetric": (bool,), "weight_quantizer": (str,),
     "weight_clip_search": (bool,), "act_clip_search": (bool,), "true_sequential": (bool,),
-    "residual_rotation": (bool,), "storage_dtype": (str,), "seed": (int,), "model": (str, None),
+    "residual_rotation": (bool,), "storage_dtype": (str,), "embedding_bits": (int, None), "seed": (int,), "model": (str, None),
     "quantcompose_version": (str, None),
 }
 _TOP_KEYS = (*_SCALARS, "options", "calibration", "ignore", "targets")

@@ -4,7 +4,9 @@ A saved model is a directory::
 
     quantcompose.json        the manifest: format version, model config, every file's sha256 and
                              size, every tensor's shape and dtype, per-layer specs, the transforms
-    model.safetensors        every parameter and buffer (packed int4 weight codes included)
+    model.safetensors        every parameter and buffer (packed int4 weight codes included, and a
+                             quantized embedding table's codes, described by the manifest's
+                             ``quantized_embedding``)
     transforms.safetensors   each distinct online transform once, in the dtype it runs in
     tokenizer files          when a tokenizer was given
     recipe.toml              the resolved recipe the model was quantized with, when known
@@ -45,6 +47,7 @@ from quantcompose.models import set_submodule
 from quantcompose.qlinear import QuantLinear, is_packed, weight_layout
 from quantcompose.quant import QuantSpec
 from quantcompose.quant.spec import spec_to_dict
+from quantcompose.quant_embedding import QuantEmbedding
 from quantcompose.recipe import SAVED_RECIPE_NAME
 from quantcompose.storage import hold_in_storage, narrowest_exact
 from quantcompose.transforms import Transform, flatten_state, from_state_dict, unflatten_state
@@ -62,6 +65,8 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
 )}
 #: Manifest sections covered by a checksum (quantized layers and transforms one entry each).
 _SECTIONS = ("model_class", "model_config", "metadata", "files", "tensors", "aliases", "transform_tensors", "attention")
+#: The manifest section describing a quantized embedding table (``None``: the table is float).
+EMBEDDING_SECTION = "quantized_embedding"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -80,6 +85,8 @@ def _digest(value: Any) -> str:
 
 def _section_digests(manifest: dict[str, Any]) -> dict[str, str]:
     digests = {key: _digest(manifest.get(key)) for key in _SECTIONS}
+    if EMBEDDING_SECTION in manifest:  # absent from models saved before tables could be quantized
+        digests[EMBEDDING_SECTION] = _digest(manifest[EMBEDDING_SECTION])
     for group in ("quantized_layers", "transforms"):
         for name, entry in manifest.get(group, {}).items():
             digests[f"{group}[{name!r}]"] = _digest(entry)
@@ -97,7 +104,7 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     aliases: dict[str, str] = {}
     seen: dict[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
     # A quantized layer's tensors keep the dtypes its manifest entry states.
-    quantized = {name for name, module in model.named_modules() if isinstance(module, QuantLinear)}
+    quantized = {name for name, module in model.named_modules() if isinstance(module, (QuantLinear, QuantEmbedding))}
     for name, tensor in model.state_dict().items():
         key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
         if tensor.numel() and key in seen:
@@ -159,6 +166,21 @@ def describe_quantized(module: nn.Module) -> tuple[dict[str, Any], dict[str, Any
     return layers, transform_configs, transform_tensors
 
 
+def describe_embedding(model: nn.Module) -> dict[str, Any] | None:
+    """The manifest entry of ``model``'s quantized embedding table, or ``None`` when it is float."""
+    for name, module in model.named_modules():
+        if isinstance(module, QuantEmbedding):
+            return {
+                "name": name,
+                "num_embeddings": module.num_embeddings,
+                "embedding_dim": module.embedding_dim,
+                "compute_dtype": _dtype_name(module.compute_dtype),
+                "packed": is_packed(module.spec, module.embedding_dim),
+                "spec": spec_to_dict(module.spec),
+            }
+    return None
+
+
 def _write_files(
     model: nn.Module, directory: Path, tokenizer: Any, metadata: dict[str, Any] | None, recipe: Any = None
 ) -> None:
@@ -189,6 +211,7 @@ def _write_files(
         "transforms": transform_configs,
         "quantized_layers": layers,
         "attention": attention,
+        EMBEDDING_SECTION: describe_embedding(model),
     }
     # Checked on load so that no layer is built from a problem found later.
     _check_layers(directory, manifest)
@@ -430,38 +453,85 @@ def _check_layers(source: Path, manifest: dict[str, Any]) -> None:
         layout = weight_layout(out_features, in_features, spec, float_dtype)
         if layer["bias"]:
             layout["bias"] = ((out_features,), float_dtype)
-        for key, (shape, dtype) in layout.items():
-            expected = {"shape": list(shape), "dtype": _dtype_name(dtype)}
-            found = tensors.get(f"{name}.{key}")
-            if found != expected:
-                raise _fail(source, WEIGHTS_NAME, f"tensor {name}.{key} is {found}, but {where} "
-                            f"(weight_spec {spec}) implies {expected}")
+        _check_layout(source, tensors, name, layout, f"{where} (weight_spec {spec})")
+    _check_embedding_entry(source, manifest)
+
+
+def _check_layout(source: Path, tensors: dict[str, Any], name: str, layout: dict[str, Any], where: str) -> None:
+    for key, (shape, dtype) in layout.items():
+        expected = {"shape": list(shape), "dtype": _dtype_name(dtype)}
+        found = tensors.get(f"{name}.{key}")
+        if found != expected:
+            raise _fail(source, WEIGHTS_NAME, f"tensor {name}.{key} is {found}, but {where} implies {expected}")
+
+
+def _embedding_entry(source: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], QuantSpec] | None:
+    """The quantized embedding's manifest entry and its spec (``None`` for a float table)."""
+    entry = manifest.get(EMBEDDING_SECTION)
+    if entry is None:
+        return None
+    if not isinstance(entry, dict):
+        raise _fail(source, CONFIG_NAME, f"field {EMBEDDING_SECTION} is not an object")
+    spec = _layer_spec(source, entry, "spec", EMBEDDING_SECTION)
+    if spec is None or spec.granularity not in ("channel", "group"):
+        raise _fail(source, CONFIG_NAME, f"field {EMBEDDING_SECTION}.spec {spec} is not a per-row or per-group "
+                    "quantizer")
+    return entry, spec
+
+
+def _check_embedding_entry(source: Path, manifest: dict[str, Any]) -> None:
+    """A quantized embedding's tensors in the manifest against what its spec implies."""
+    found = _embedding_entry(source, manifest)
+    if found is None:
+        return
+    entry, spec = found
+    compute = _DTYPES.get(entry.get("compute_dtype"))
+    if compute is None or not compute.is_floating_point:
+        raise _fail(source, CONFIG_NAME, f"field {EMBEDDING_SECTION}.compute_dtype {entry.get('compute_dtype')!r} "
+                    "is not a float dtype")
+    rows, cols = entry["num_embeddings"], entry["embedding_dim"]
+    if entry.get("packed") != is_packed(spec, cols):
+        raise _fail(source, CONFIG_NAME, f"field {EMBEDDING_SECTION}.packed is {entry.get('packed')} but spec "
+                    f"bits={spec.bits} on a width of {cols} implies {not entry.get('packed')}")
+    if spec.granularity == "group" and cols % spec.group_size:
+        raise _fail(source, CONFIG_NAME, f"field {EMBEDDING_SECTION}.spec group_size {spec.group_size} does not "
+                    f"divide the width {cols}")
+    _check_layout(source, manifest["tensors"], entry["name"], weight_layout(rows, cols, spec),
+                  f"{EMBEDDING_SECTION} (spec {spec})")
 
 
 def _check_codes(source: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     """Values the specs constrain: symmetric zero points are 0, codes lie in the spec's range."""
     for name, layer in manifest["quantized_layers"].items():
         spec = _layer_spec(source, layer, "weight_spec", name)
-        if spec is None:
-            continue
-        where = f"quantized_layers[{name!r}].weight_spec"
-        if spec.symmetric and bool(tensors[f"{name}.weight_zero"].any()):
-            raise _fail(source, WEIGHTS_NAME, f"{name}.weight_zero has nonzero zero points but {where}.symmetric "
-                        "is true")
-        codes = tensors[f"{name}.weight_codes"]
-        if layer["packed"]:
-            # Each nibble of a byte is a code; 4-bit codes fill a nibble, so only narrower ones can overflow.
-            if spec.bits == 4:
-                continue
-            low, high = (codes & 0xF).to(torch.int16), (codes >> 4).to(torch.int16)
-            if spec.symmetric:
-                low, high = (low ^ 8) - 8, (high ^ 8) - 8
-            lo, hi = min(int(low.min()), int(high.min())), max(int(low.max()), int(high.max()))
-        else:
-            lo, hi = int(codes.min()), int(codes.max())
-        if lo < spec.qmin or hi > spec.qmax:
-            raise _fail(source, WEIGHTS_NAME, f"{name}.weight_codes span [{lo}, {hi}] but {where}.bits="
-                        f"{spec.bits} allows [{spec.qmin}, {spec.qmax}]")
+        if spec is not None:
+            _check_code_values(source, tensors, name, spec, layer["packed"], f"quantized_layers[{name!r}].weight_spec")
+    embedding = _embedding_entry(source, manifest)
+    if embedding is not None:
+        entry, spec = embedding
+        _check_code_values(source, tensors, entry["name"], spec, entry["packed"], f"{EMBEDDING_SECTION}.spec")
+
+
+def _check_code_values(
+    source: Path, tensors: dict[str, torch.Tensor], name: str, spec: QuantSpec, packed: bool, where: str
+) -> None:
+    if spec.symmetric and bool(tensors[f"{name}.weight_zero"].any()):
+        raise _fail(source, WEIGHTS_NAME, f"{name}.weight_zero has nonzero zero points but {where}.symmetric "
+                    "is true")
+    codes = tensors[f"{name}.weight_codes"]
+    if packed:
+        # Each nibble of a byte is a code; 4-bit codes fill a nibble, so only narrower ones can overflow.
+        if spec.bits == 4:
+            return
+        low, high = (codes & 0xF).to(torch.int16), (codes >> 4).to(torch.int16)
+        if spec.symmetric:
+            low, high = (low ^ 8) - 8, (high ^ 8) - 8
+        lo, hi = min(int(low.min()), int(high.min())), max(int(low.max()), int(high.max()))
+    else:
+        lo, hi = int(codes.min()), int(codes.max())
+    if lo < spec.qmin or hi > spec.qmax:
+        raise _fail(source, WEIGHTS_NAME, f"{name}.weight_codes span [{lo}, {hi}] but {where}.bits="
+                    f"{spec.bits} allows [{spec.qmin}, {spec.qmax}]")
 
 
 def build_transforms(source: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Transform]:
@@ -581,6 +651,28 @@ def rebuild_quantized(
             raise _fail(source, CONFIG_NAME, f"quantized_layers names {name}, which the model does not have") from exc
 
 
+def _rebuild_embedding(source: Path, model: nn.Module, manifest: dict[str, Any]) -> None:
+    """Put an empty :class:`QuantEmbedding` in place of the skeleton's table when the manifest has one."""
+    found = _embedding_entry(source, manifest)
+    if found is None:
+        return
+    entry, spec = found
+    modules = dict(model.named_modules())
+    table = model.get_input_embeddings()
+    if modules.get(entry["name"]) is not table:
+        raise _fail(source, CONFIG_NAME, f"field {EMBEDDING_SECTION}.name {entry['name']!r} is not the model's "
+                    "input embedding")
+    if [entry["num_embeddings"], entry["embedding_dim"]] != list(table.weight.shape):
+        raise _fail(source, CONFIG_NAME, f"field {EMBEDDING_SECTION} describes a {entry['num_embeddings']} x "
+                    f"{entry['embedding_dim']} table but model_config a {tuple(table.weight.shape)} one")
+    # A quantized table has no float weight for a head to share (quantcompose.quant_embedding).
+    if getattr(model.config, "tie_word_embeddings", False):
+        raise _fail(source, CONFIG_NAME, f"field model_config ties the LM head to the embedding, which "
+                    f"{EMBEDDING_SECTION} says is quantized")
+    model.set_input_embeddings(QuantEmbedding.empty(entry["num_embeddings"], entry["embedding_dim"], spec,
+                                                    _DTYPES[entry["compute_dtype"]]))
+
+
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
     """Load a model saved by :func:`save_quantized`; returns ``(model, tokenizer or None)``.
 
@@ -610,6 +702,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
 
     model = _new_model(source, manifest)
     rebuild_quantized(source, model, manifest["quantized_layers"], transforms)
+    _rebuild_embedding(source, model, manifest)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
@@ -638,10 +731,12 @@ class SavedSize:
     transforms: int
     other: int
     fp16: int
+    #: A quantized embedding table's codes, scales and zero points (0 when the table is float, in ``floats``).
+    embedding: int = 0
 
     @property
     def total(self) -> int:
-        return self.codes + self.scales + self.floats + self.transforms + self.other
+        return self.codes + self.scales + self.floats + self.transforms + self.other + self.embedding
 
     @property
     def ratio(self) -> float:
@@ -651,10 +746,11 @@ class SavedSize:
     def format(self) -> str:
         """One line: total, ratio to float16, and the breakdown in MiB."""
         mib = 2**20
+        table = f"quantized embedding table {self.embedding / mib:.1f}, " if self.embedding else ""
         return (f"{self.total / mib:.1f} MiB on disk, {self.ratio:.2f}x the float16 model "
                 f"({self.fp16 / mib:.1f} MiB): codes {self.codes / mib:.1f}, scales+zeros {self.scales / mib:.1f}, "
-                f"embeddings and other float tensors {self.floats / mib:.1f}, transforms {self.transforms / mib:.1f}, "
-                f"other files {self.other / mib:.1f} MiB")
+                f"{table}embeddings and other float tensors {self.floats / mib:.1f}, "
+                f"transforms {self.transforms / mib:.1f}, other files {self.other / mib:.1f} MiB")
 
 
 def _nbytes(description: dict[str, Any]) -> int:
@@ -668,16 +764,24 @@ def saved_size_breakdown(path: str | os.PathLike) -> SavedSize:
     """Size of the saved model at ``path`` by kind (from its manifest) against its float16 size.
 
     The float16 size counts every weight the model had before quantization
-    (a quantized layer's ``out × in`` and bias, every other stored tensor; tied ones once) at 2 bytes.
+    (a quantized layer's ``out × in`` and bias, a quantized table's rows × width, every other stored
+    tensor; tied ones once) at 2 bytes.
     """
     manifest = read_manifest(path)
-    codes = scales = floats = 0
+    codes = scales = floats = table = 0
     fp16_elements = 0
-    quantized = {f"{name}.{key}": name for name, layer in manifest["quantized_layers"].items()
-                 for key in ("weight_codes", "weight_scale", "weight_zero")}
+    weight_keys = ("weight_codes", "weight_scale", "weight_zero")
+    quantized = {f"{name}.{key}": name for name in manifest["quantized_layers"] for key in weight_keys}
+    embedding = manifest.get(EMBEDDING_SECTION)
+    table_tensors = set()
+    if embedding is not None:
+        table_tensors = {f"{embedding['name']}.{key}" for key in weight_keys}
+        fp16_elements += embedding["num_embeddings"] * embedding["embedding_dim"]
     for name, description in manifest["tensors"].items():
         size = _nbytes(description)
-        if name.endswith(".weight_codes") and name in quantized:
+        if name in table_tensors:
+            table += size
+        elif name.endswith(".weight_codes") and name in quantized:
             codes += size
         elif name in quantized:
             scales += size
@@ -689,4 +793,5 @@ def saved_size_breakdown(path: str | os.PathLike) -> SavedSize:
             fp16_elements += layer["in_features"] * layer["out_features"]
     transforms = sum(_nbytes(d) for d in manifest["transform_tensors"].values())
     total = sum(f["size"] for f in manifest["files"].values()) + (Path(path) / CONFIG_NAME).stat().st_size
-    return SavedSize(codes, scales, floats, transforms, total - codes - scales - floats - transforms, 2 * fp16_elements)
+    other = total - codes - scales - floats - transforms - table
+    return SavedSize(codes, scales, floats, transforms, other, 2 * fp16_elements, table)

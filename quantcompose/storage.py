@@ -154,18 +154,20 @@ def hold_in_storage(model: nn.Module) -> None:
     tensor a quantized model keeps. A tied head keeps sharing the table.
     """
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if type(embedding) is not nn.Embedding:
-        return
-    weight = embedding.weight
-    tied = getattr(head, "weight", None) is weight  # a quantized head has codes, no weight
-    narrow = narrowest_exact(weight.data)
-    if narrow.dtype != weight.dtype:
-        compute = weight.dtype
-        embedding.weight = nn.Parameter(narrow, requires_grad=False)
-        embedding.__class__ = StoredEmbedding
-        embedding.compute_dtype = compute
-        if tied:
-            head.weight = embedding.weight
+    # A quantized head has codes and a quantized table (QuantEmbedding) has codes, no weight.
+    tied = getattr(embedding, "weight", None) is not None and getattr(head, "weight", None) is embedding.weight
+    if type(embedding) is nn.Embedding:
+        weight = embedding.weight
+        narrow = narrowest_exact(weight.data)
+        if narrow.dtype != weight.dtype:
+            compute = weight.dtype
+            embedding.weight = nn.Parameter(narrow, requires_grad=False)
+            embedding.__class__ = StoredEmbedding
+            embedding.compute_dtype = compute
+            if tied:
+                head.weight = embedding.weight
+    elif tied:
+        return  # a tied head follows the table, which this function does not hold
     if head is not None and type(head) is nn.Linear:
         if not tied:
             narrow_head = narrowest_exact(head.weight.data)

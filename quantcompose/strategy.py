@@ -62,11 +62,18 @@ class QuantSettings:
     # transforms in (quantcompose/storage.py): "float16" by default, as every
     # deployed checkpoint keeps its float parts; "float32" keeps them as computed.
     storage_dtype: str = "float16"
+    # Bits of the embedding table's codes (quantcompose/quant_embedding.py): 8, or 4 packed two
+    # per byte, one scale and zero point per row, quantized at the end of the run (after the model
+    # scope rotated the table and calibration read it in float). None keeps the table in float.
+    embedding_bits: int | None = None
 
     def __post_init__(self) -> None:
+        from quantcompose.quant_embedding import check_embedding_bits
         from quantcompose.storage import storage_dtype
 
         storage_dtype(self.storage_dtype)
+        if self.embedding_bits is not None:
+            check_embedding_bits(self.embedding_bits)
         for name in ("wbits", "abits"):
             value = getattr(self, name)
             if not isinstance(value, int) or not (2 <= value <= 16):

@@ -59,7 +59,9 @@ def _digest(folder: Path) -> str:
     # the LM head quantized (needs the final norm and head after the last layer), one layer left in float
     {**W4A4, "targets": [{"match": ["lm_head"], "wbits": 8, "abits": 8}],
      "ignore": ["re:model\\.layers\\.2\\.mlp\\..*"]},
-], ids=["duquant-w4a4", "targets-and-head"])
+    # the embedding table quantized at the end, from the table loaded outside the layers
+    {**W4A4, "targets": [{"match": ["lm_head"], "wbits": 8}], "ignore": [], "embedding_bits": 8},
+], ids=["duquant-w4a4", "targets-and-head", "embedding-bits"])
 def test_offloaded_equals_in_memory_bit_for_bit(checkpoint, tmp_path, recipe):
     quantize_offloaded(checkpoint, tmp_path / "out", recipe=recipe, calibration=_tokens(), progress=False)
     loaded, _ = load_quantized(tmp_path / "out")

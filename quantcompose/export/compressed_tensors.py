@@ -30,9 +30,10 @@ from torch import nn
 
 from quantcompose.atomic_dir import write_directory
 from quantcompose.errors import ExportError, UnexportableTransformError
-from quantcompose.export.schemes import LayerScheme, layer_scheme, unsupported_setting
+from quantcompose.export.schemes import EMBEDDING_HINT, LayerScheme, layer_scheme, unsupported_setting
 from quantcompose.qlinear import QuantLinear
 from quantcompose.quant import unpack_int4
+from quantcompose.quant_embedding import QuantEmbedding
 from quantcompose.saving import check_save_target, directory_size
 from quantcompose.transforms import Compose, Scale, Transform
 
@@ -205,6 +206,9 @@ def _schemes_of(model: nn.Module) -> tuple[dict[LayerScheme, list[str]], list[st
     groups: dict[LayerScheme, list[str]] = {}
     floats: list[str] = []
     for name, module in model.named_modules():
+        if isinstance(module, QuantEmbedding):
+            raise unsupported_setting(name, f"a quantized embedding table ({module.spec}, embedding_bits)",
+                                      EMBEDDING_HINT)
         if isinstance(module, QuantLinear):
             scheme = layer_scheme(name, module.weight_spec, module.act_spec, module.output_spec)
             if scheme is None:

@@ -96,6 +96,11 @@ def layer_scheme(
     return LayerScheme(weight, activation)
 
 
+#: compressed-tensors schemes quantize Linear modules; a checkpoint has no place for an embedding
+#: table's codes that the runtimes reading it would de-quantize, so such a model is refused.
+EMBEDDING_HINT = "Quantize without embedding_bits (--embedding-bits) to export; the table then stays float16."
+
+
 def check_settings(settings: QuantSettings) -> None:
     """Raise before quantizing when ``settings`` cannot give an exportable model (``quantize --export``).
 
@@ -103,6 +108,9 @@ def check_settings(settings: QuantSettings) -> None:
     ask for; a strategy may still pick others, which the export then reports.
     """
     where = "the quantization settings"
+    if settings.embedding_bits is not None:
+        raise unsupported_setting(where, f"a quantized embedding table (embedding_bits={settings.embedding_bits})",
+                                  EMBEDDING_HINT)
     weight = None
     if settings.wbits < 16:
         group = settings.weight_group_size

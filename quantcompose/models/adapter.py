@@ -125,7 +125,9 @@ class ModelAdapter(ABC):
 
     def tied_embeddings(self) -> bool:
         """True when the LM head's weight is the embedding's parameter itself."""
-        return self.lm_head().weight is self.embedding().weight
+        # A quantized table (QuantEmbedding) or head (QuantLinear) holds codes, no weight to share.
+        weight = getattr(self.embedding(), "weight", None)
+        return weight is not None and getattr(self.lm_head(), "weight", None) is weight
 
     def untie_embeddings(self) -> None:
         """Give the LM head its own copy of the embedding weight (exact; a no-op when untied).
