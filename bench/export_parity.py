@@ -6,9 +6,11 @@ clipping, the only W8A8 the format's runtimes execute), evaluate quantcompose's
 model, export, load the folder with plain ``transformers`` (compressed-tensors
 installed; it emulates the activation quantization on the CPU) and evaluate it
 on the same windows. A method whose transforms cannot be exported prints why.
+A method may carry strategy options, ``METHOD:KEY=VALUE[:KEY=VALUE]``.
 
     python bench/export_parity.py                    # 32 windows of 512 tokens
     python bench/export_parity.py --max-windows 2 --methods rtn smoothquant
+    python bench/export_parity.py --methods smoothquant:foldable=true quarot:online_hadamards=false
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ W8A8 = dict(wbits=8, abits=8, weight_symmetric=True, act_symmetric=True, qkv_bit
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", nargs="+", default=["duquant", "smoothquant", "quarot", "rtn"])
+    p.add_argument("--methods", nargs="+", default=["duquant", "smoothquant", "quarot", "rtn"],
+                   help="METHOD or METHOD:KEY=VALUE[:KEY=VALUE] (strategy options)")
     p.add_argument("--max-windows", type=int, default=32, help="first N evaluation windows (default: %(default)s)")
     p.add_argument("--seqlen", type=int, default=512, help="evaluation window length (default: %(default)s)")
     p.add_argument("--calib", default="random-zipf", help="calibration source (default: %(default)s)")
@@ -48,10 +51,14 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def _options(manager, method: str) -> dict:
-    # DuQuant's static activation clip (0.9) has no place in a dynamic per-token scheme: switch it off.
-    strategy = manager.strategies()[method]
-    return {"act_clip": "1.0"} if "act_clip" in strategy.options else {}
+def _method_and_options(manager, spec: str) -> tuple[str, dict]:
+    """``("smoothquant", {"foldable": "true"})`` for ``smoothquant:foldable=true``."""
+    method, *pairs = spec.split(":")
+    given = dict(pair.split("=", 1) for pair in pairs)
+    # DuQuant's static activation clip (0.9) has no place in a dynamic per-token scheme: switch it off
+    # unless the row sets it (then the export names the setting).
+    defaults = {"act_clip": "1.0"} if "act_clip" in manager.strategies()[method].options else {}
+    return method, {**defaults, **given}
 
 
 def main() -> None:
@@ -68,23 +75,32 @@ def main() -> None:
     print(f"SmolLM2-135M W8A8, WikiText-2 test, first {args.max_windows} windows of {args.seqlen} tokens; "
           f"exports under {root}")
     rows = []
-    for method in args.methods:
+
+    def add(row: tuple[str, str, str, str]) -> None:
+        rows.append(row)
+        print("  done:", "  ".join(row), flush=True)  # a long run shows each row as it finishes
+
+    for spec in args.methods:
+        method, options = _method_and_options(manager, spec)
+        folder = root / spec.replace(":", "_").replace("=", "-")
         model = copy.deepcopy(reference)
         start = time.perf_counter()
-        quantize_model(model, calib, method, settings, manager.resolve(method, _options(manager, method), settings),
+        quantize_model(model, calib, method, settings, manager.resolve(method, options, settings),
                        manager=manager, progress=False)
         ours = perplexity(model, tokens, seqlen=args.seqlen, max_windows=args.max_windows, progress=False)
         try:
-            export_compressed_tensors(model, tokenizer, root / method, overwrite=True)
+            export_compressed_tensors(model, tokenizer, folder, overwrite=True)
         except ExportError as error:
-            rows.append((method, f"{ours:.3f}", "not exportable", str(error).split(", which")[0]))
+            message = str(error)  # "<layer> runs the online transform <T> on its input, which ...: <why>. ..."
+            why = message.partition("cannot carry: ")[2].partition(". transformers")[0]
+            add((spec, f"{ours:.3f}", "not exportable", message.split(", which")[0] + (f": {why}" if why else "")))
             continue
         del model
-        loaded = AutoModelForCausalLM.from_pretrained(str(root / method)).eval()
+        loaded = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
         with torch.no_grad():
             theirs = perplexity(loaded, tokens, seqlen=args.seqlen, max_windows=args.max_windows, progress=False)
-        rows.append((method, f"{ours:.3f}", f"{theirs:.3f}",
-                     f"{100 * (theirs / ours - 1):+.2f}% ({time.perf_counter() - start:.0f} s)"))
+        add((spec, f"{ours:.3f}", f"{theirs:.3f}",
+             f"{100 * (theirs / ours - 1):+.2f}% ({time.perf_counter() - start:.0f} s)"))
     header = ("method", "quantcompose", "transformers+ct", "difference / reason")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
     for row in [header, *rows]:

@@ -81,7 +81,9 @@ class OmniQuant(Strategy):
     }
 
     def plan(self, stats: PlaceStats, options: dict[str, Any], settings: QuantSettings) -> Plan:
-        if not options["let"] or stats.absorbable == "none":  # an online scale would cost more than it saves
+        # LET learns a scale per channel: where only a group-shared one folds (o_proj under grouped-query
+        # attention) or none does, it would run online and cost more than it saves.
+        if not options["let"] or stats.absorbable not in ("any", "diagonal"):
             return super().plan(stats, options, settings)
         s = smooth_factors(stats.act_absmax, stats.weight_absmax(), float(options["alpha"]))
         return self.quantizer_plan(Scale(1.0 / s), options, settings)

@@ -21,6 +21,11 @@ A width with no Hadamard matrix (9 heads in SmolLM2-135M) gets the
 documented fallback of :func:`~quantcompose.transforms.hadamard_like`: a
 block Hadamard, or a seeded random orthogonal mix where no block fits.
 
+``online_hadamards=false`` keeps only the folded part (the residual and
+value-head rotations; nothing online at any place, no Q/K rotation): not the
+paper's QuaRot, but a model whose every transform is in its weights, which
+exports to formats that cannot run online transforms.
+
 ``quarot-online`` is the earlier stand-in, kept as an ablation: no model
 scope, a randomized Hadamard online at every input place.
 """
@@ -76,21 +81,28 @@ class QuaRot(Strategy):
         "QuaRot: fused norms, Hadamard-rotated residual stream, online Hadamards only before "
         "down_proj and across heads before o_proj (arXiv 2404.00456)"
     )
-    options = OPTIONS
+    options = {
+        **OPTIONS,
+        "online_hadamards": Option(True, "the paper's online Hadamards (before down_proj, across heads before "
+                                   "o_proj, on Q/K after RoPE); false: only the folded rotations (exportable)"),
+    }
 
     def model_plan(self, model: ModelFacts, options: dict[str, Any], settings: QuantSettings) -> ModelPlan:
         signs = bool(options["random_signs"])
+        online = bool(options["online_hadamards"])
         return ModelPlan(
             fuse_norms=True,
             residual=rotation(model.hidden_size, settings.seed, "residual", random_signs=signs),
             value_head=rotation(model.head_dim, settings.seed, "value-head", random_signs=signs),
             # Online after RoPE, used when Q/K/V are quantized (the KV cache's Hadamard).
-            qk_rotation=rotation(model.head_dim, settings.seed, "query-key", random_signs=signs),
+            qk_rotation=rotation(model.head_dim, settings.seed, "query-key", random_signs=signs) if online else None,
         )
 
     def plan(self, stats: PlaceStats, options: dict[str, Any], settings: QuantSettings) -> Plan:
         signs = bool(options["random_signs"])
-        if stats.place == "mlp_down":
+        if not options["online_hadamards"]:
+            transform: Transform = Identity(stats.width)
+        elif stats.place == "mlp_down":
             transform = rotation(stats.width, settings.seed, stats.layer_index, stats.place, random_signs=signs)
         elif stats.place == "attn_out":
             facts = stats.model

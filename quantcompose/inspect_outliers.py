@@ -249,6 +249,7 @@ def _place_stats(
         weights={name: layer.get_submodule(name).weight.detach().float().cpu() for name in place.linears},
         absorbable=place.absorbable,
         model=facts,
+        shared_heads=place.shared_heads,
     )
 
 

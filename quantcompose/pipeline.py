@@ -130,17 +130,20 @@ def capture_first_layer_inputs(
     return captured
 
 
-def split_absorbable(transform: Transform, absorbable: str) -> tuple[Transform | None, Transform | None]:
-    """Split ``T`` into (part folded into the previous module, part run online), ``T = A·R``."""
-    if absorbable == "any":
+def split_absorbable(transform: Transform, place: InputPlace) -> tuple[Transform | None, Transform | None]:
+    """Split ``T`` into (part folded into the module before ``place``, part run online), ``T = A·R``.
+
+    A diagonal place absorbs a leading :class:`Scale`; a shared-diagonal one
+    (``o_proj`` under grouped-query attention) only a scale whose factors
+    repeat across the query heads of each value head. Anything else runs online.
+    """
+    if place.absorbable == "any":
         return transform, None
-    if absorbable == "diagonal":
-        if isinstance(transform, Scale):
-            return transform, None
-        if isinstance(transform, Compose) and isinstance(transform.transforms[0], Scale):
-            rest = list(transform.transforms[1:])
-            online = rest[0] if len(rest) == 1 else Compose(rest)
-            return transform.transforms[0], online
+    if place.absorbable in ("diagonal", "shared_diagonal"):
+        parts = list(transform.transforms) if isinstance(transform, Compose) else [transform]
+        head, rest = parts[0], parts[1:]
+        if isinstance(head, Scale) and place.prev_factors(head.factors) is not None:
+            return head, (None if not rest else rest[0] if len(rest) == 1 else Compose(rest))
     if isinstance(transform, Identity):
         return None, None
     return None, transform
@@ -154,6 +157,9 @@ def _fold_into_previous(layer: nn.Module, place: InputPlace, absorbed: Transform
                 raise TypeError(f"a norm can only absorb a diagonal Scale, got {type(absorbed).__name__}")
             prev.weight.mul_(absorbed.factors.to(prev.weight.device, prev.weight.dtype))
         elif place.prev_kind == "linear":
+            if place.absorbable == "shared_diagonal":
+                # one value row per group of query heads: the group's (equal) factors
+                absorbed = Scale(place.prev_factors(absorbed.factors))
             # A fused producer (Phi-3's gate_up_proj) absorbs into the rows that are this activation.
             start, stop = place.prev_rows if place.prev_rows is not None else (0, prev.weight.shape[0])
             bias = None if prev.bias is None else prev.bias.data[start:stop]
@@ -320,6 +326,7 @@ def _quantize_group(job: LayerJob, places: list[InputPlace], layer_scope: bool) 
                 weights=weights,
                 absorbable=place.absorbable,
                 model=job.facts,
+                shared_heads=place.shared_heads,
             )
         )
 
@@ -359,7 +366,7 @@ def _quantize_group(job: LayerJob, places: list[InputPlace], layer_scope: bool) 
     online_of: dict[str, Transform | None] = {}
     stored_dtype = storage_dtype(job.settings.storage_dtype)
     for i, (place, plan) in enumerate(plans):
-        absorbed, online = split_absorbable(plan.transform, place.absorbable)
+        absorbed, online = split_absorbable(plan.transform, place)
         if absorbed is not None:
             _fold_into_previous(job.layer, place, absorbed)
         if online is not None:

@@ -13,7 +13,10 @@ from quantcompose.options import Option, resolve_options
 from quantcompose.quant import QuantSpec
 from quantcompose.transforms import Identity, Transform
 
-Absorbable = Literal["any", "diagonal", "none"]
+#: What the module before an input place can fold exactly: any transform, a diagonal scale, a diagonal
+#: scale equal across the query heads that share one value head (``o_proj``'s input under grouped-query
+#: attention: ``v_proj``'s rows absorb it), or nothing.
+Absorbable = Literal["any", "diagonal", "shared_diagonal", "none"]
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,9 @@ class PlaceStats:
     weights: dict[str, torch.Tensor]  # the consuming linears' weights (out, in), float32, by name
     absorbable: Absorbable  # what the module before the place can fold exactly
     model: "ModelFacts | None" = None  # the model's shape (heads, head size), for head-aware transforms
+    # With absorbable "shared_diagonal": (query heads per value head, head size), heads grouped
+    # contiguously (query head h reads value head h // group); a scale folds when it repeats per group.
+    shared_heads: tuple[int, int] | None = None
 
     @property
     def width(self) -> int:
@@ -159,6 +165,17 @@ class PlaceStats:
     def weight_absmax(self) -> torch.Tensor:
         """(in,) max |w| per input channel over all consuming linears."""
         return torch.stack([w.abs().amax(dim=0) for w in self.weights.values()]).amax(dim=0)
+
+    def group_shared(self, per_channel: torch.Tensor) -> torch.Tensor:
+        """(in,) ``per_channel`` replaced by its maximum over the query heads sharing each value head.
+
+        The statistic a ``"shared_diagonal"`` place's foldable scale is built from; unchanged elsewhere.
+        """
+        if self.absorbable != "shared_diagonal" or self.shared_heads is None:
+            return per_channel
+        group, head_dim = self.shared_heads
+        grouped = per_channel.reshape(-1, group, head_dim)
+        return grouped.amax(dim=1, keepdim=True).expand_as(grouped).reshape(-1).clone()
 
 
 @dataclass

@@ -99,7 +99,11 @@ def test_every_named_path_exists_with_the_right_type_and_width(arch, tied, kv):
             elif place.prev_kind == "linear":
                 prev = layer.get_submodule(place.prev)
                 start, stop = _rows(prev, place.prev_rows)
-                assert isinstance(prev, nn.Linear) and stop - start == width and 0 <= start < stop <= prev.out_features
+                # a shared-diagonal place's producer has one row per value-head channel
+                group = place.shared_heads[0] if place.absorbable == "shared_diagonal" else 1
+                assert (place.shared_heads is not None) == (place.absorbable == "shared_diagonal")
+                assert isinstance(prev, nn.Linear) and (stop - start) * group == width
+                assert 0 <= start < stop <= prev.out_features
         for name, out in adapter.kv_outputs(layer).items():
             linear = layer.get_submodule(out.linear)
             start, stop = _rows(linear, out.rows)
@@ -108,15 +112,19 @@ def test_every_named_path_exists_with_the_right_type_and_width(arch, tied, kv):
 
 
 @pytest.mark.parametrize(("arch", "kv"), [(a, kv) for a in TOY_ARCHS for kv in (2, 4)])
-def test_attn_out_absorbs_into_v_only_without_grouped_query_attention(arch, kv):
+def test_attn_out_absorbs_into_v_a_scale_shared_by_the_query_heads_of_each_value_head(arch, kv):
     model = tiny_model(arch, kv_heads=kv)
     adapter = get_adapter(model)
     attn_out = {p.name: p for p in adapter.places(adapter.layers()[0])}["attn_out"]
+    value = adapter.kv_outputs(adapter.layers()[0])["v"]
+    assert (attn_out.prev, attn_out.prev_kind, attn_out.prev_rows) == (value.linear, "linear", value.rows)
     if kv == adapter.num_heads:
-        assert attn_out.absorbable == "diagonal" and attn_out.prev == adapter.kv_outputs(adapter.layers()[0])["v"].linear
-        assert attn_out.prev_rows == adapter.kv_outputs(adapter.layers()[0])["v"].rows
+        assert attn_out.absorbable == "diagonal" and attn_out.shared_heads is None
     else:
-        assert (attn_out.absorbable, attn_out.prev, attn_out.prev_kind) == ("none", None, "none")
+        assert attn_out.absorbable == "shared_diagonal" and attn_out.shared_heads == (adapter.num_heads // kv, 24)
+        shared = _shared_factors(attn_out, adapter.num_heads * 24, seed=0)
+        assert torch.equal(attn_out.prev_factors(shared), shared.reshape(kv, -1, 24)[:, 0].reshape(-1))
+        assert attn_out.prev_factors(_random_factors(adapter.num_heads * 24, seed=0)) is None
 
 
 # --- what the model computes agrees with the adapter --------------------------------------
@@ -221,17 +229,21 @@ def test_final_norm_feeds_the_lm_head(arch, tied, kv):
 # --- the absorbable claims are exact -------------------------------------------------------
 
 
-def _scale_place(layer: nn.Module, place, factors: torch.Tensor, rows_override=None) -> None:
-    """Scale the activation at ``place`` by ``factors`` on the prev side and undo it in the consumers."""
+def _scale_place(layer: nn.Module, place, factors: torch.Tensor, rows_override=None, prev_factors=None) -> None:
+    """Scale the activation at ``place`` by ``factors`` on the prev side and undo it in the consumers.
+
+    The prev side takes ``prev_factors`` (default: what the place says it absorbs for ``factors``).
+    """
     prev = layer.get_submodule(place.prev)
+    on_prev = place.prev_factors(factors) if prev_factors is None else prev_factors
     with torch.no_grad():
         if place.prev_kind == "norm":
-            prev.weight.mul_(factors)
+            prev.weight.mul_(on_prev)
         else:
             start, stop = _rows(prev, rows_override or place.prev_rows)
-            prev.weight[start:stop].mul_(factors[:, None])
+            prev.weight[start:stop].mul_(on_prev[:, None])
             if prev.bias is not None:
-                prev.bias[start:stop].mul_(factors)
+                prev.bias[start:stop].mul_(on_prev)
         for name in place.linears:
             layer.get_submodule(name).weight.div_(factors)
 
@@ -241,15 +253,24 @@ def _random_factors(width: int, seed: int) -> torch.Tensor:
     return torch.exp(torch.empty(width).uniform_(-1.0, 1.0, generator=generator))
 
 
+def _shared_factors(place, width: int, seed: int) -> torch.Tensor:
+    """Random factors, equal across the query heads of each value head (``place.shared_heads``)."""
+    group, head_dim = place.shared_heads
+    per_value_head = _random_factors(width // group, seed).reshape(-1, 1, head_dim)
+    return per_value_head.expand(-1, group, -1).reshape(-1)
+
+
 def _scale_in_every_layer(model: nn.Module, name: str) -> bool:
-    """Scale place ``name`` of every layer by random factors; False when the adapter marks it ``"none"``."""
+    """Scale place ``name`` of every layer by random factors it claims to absorb; False for ``"none"``."""
     adapter = get_adapter(model)
     for i, layer in enumerate(adapter.layers()):
         place = {p.name: p for p in adapter.places(layer)}[name]
         if place.absorbable == "none":
             return False
-        assert place.absorbable == "diagonal", "no built-in place claims more than a diagonal"
-        _scale_place(layer, place, _random_factors(_place_width(adapter, name), seed=i))
+        assert place.absorbable in ("diagonal", "shared_diagonal"), "no built-in place claims more than a diagonal"
+        width = _place_width(adapter, name)
+        shared = place.absorbable == "shared_diagonal"
+        _scale_place(layer, place, _shared_factors(place, width, i) if shared else _random_factors(width, seed=i))
     return True
 
 
@@ -263,7 +284,7 @@ def test_every_absorbable_claim_is_exact(arch, tied, kv):
         if _scale_in_every_layer(model, place.name):
             torch.testing.assert_close(_logits(model), before, rtol=RTOL, atol=ATOL, msg=lambda m: f"{place.name}: {m}")
             checked.append(place.name)
-    assert checked == (["attn_in", "attn_out", "mlp_in", "mlp_down"] if kv == 4 else ["attn_in", "mlp_in", "mlp_down"])
+    assert checked == ["attn_in", "attn_out", "mlp_in", "mlp_down"]
 
 
 @pytest.mark.parametrize("arch", TOY_ARCHS)
@@ -277,6 +298,20 @@ def test_the_exactness_check_catches_a_wrong_claim(arch):
     gate = adapter.projections()["gate"]
     wrong = type(mlp_down)(mlp_down.name, mlp_down.linears, gate.linear, "linear", "diagonal", "mlp", gate.rows)
     _scale_place(layer, wrong, _random_factors(adapter.intermediate_size, seed=3))
+    assert not torch.allclose(_logits(model), before, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("arch", TOY_ARCHS)
+def test_a_scale_the_query_heads_of_a_value_head_do_not_share_does_not_fold(arch):
+    """Under grouped-query attention, folding one head's factors into v for a per-head scale is wrong."""
+    model = tiny_model(arch, kv_heads=2)
+    before = _logits(model)
+    adapter = get_adapter(model)
+    layer = adapter.layers()[0]
+    attn_out = adapter.places(layer)[1]
+    factors = _random_factors(_place_width(adapter, "attn_out"), seed=5)
+    assert attn_out.prev_factors(factors) is None
+    _scale_place(layer, attn_out, factors, prev_factors=factors.reshape(2, 2, 24)[:, 0].reshape(-1))
     assert not torch.allclose(_logits(model), before, rtol=RTOL, atol=ATOL)
 
 
@@ -459,5 +494,5 @@ def test_smollm2_facts_and_absorbable_claims():
         before = model(tokens).logits
         scaled = [name for name in ("attn_in", "attn_out", "mlp_in", "mlp_down") if _scale_in_every_layer(model, name)]
         after = model(tokens).logits
-    assert scaled == ["attn_in", "mlp_in", "mlp_down"]  # grouped-query attention: attn_out is "none"
+    assert scaled == ["attn_in", "attn_out", "mlp_in", "mlp_down"]  # attn_out: a scale shared per value head
     torch.testing.assert_close(after, before, rtol=1e-4, atol=2e-3)

@@ -240,12 +240,22 @@ def test_unknown_architecture_and_method():
 
 
 def test_split_absorbable():
+    from quantcompose.models import InputPlace
+
+    def place(absorbable, shared_heads=None):
+        return InputPlace("x", ("o",), None if absorbable == "none" else "v", "linear", absorbable, "attention",
+                          None, shared_heads)
+
     s = Scale(torch.tensor([1.0, 2.0]))
     p = Permutation(torch.tensor([1, 0]))
-    absorbed, online = split_absorbable(Compose([s, p]), "diagonal")
+    absorbed, online = split_absorbable(Compose([s, p]), place("diagonal"))
     assert absorbed is s and online is p
-    assert split_absorbable(p, "diagonal") == (None, p)
-    assert split_absorbable(Compose([s, p]), "none")[0] is None
+    assert split_absorbable(p, place("diagonal")) == (None, p)
+    assert split_absorbable(Compose([s, p]), place("none"))[0] is None
+    # two query heads of width 1 share one value head: only equal factors fold
+    assert split_absorbable(Compose([s, p]), place("shared_diagonal", (2, 1))) == (None, Compose([s, p]))
+    shared = Scale(torch.tensor([3.0, 3.0]))
+    assert split_absorbable(Compose([shared, p]), place("shared_diagonal", (2, 1))) == (shared, p)
 
 
 def _fold_tolerance(method: str, settings: QuantSettings) -> dict[str, float]:

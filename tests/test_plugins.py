@@ -141,3 +141,57 @@ def test_bits_out_of_range_raise():
     for bits in (0, 1, 9, 12):
         with pytest.raises(QuantSpecError):
             QuantSettings(wbits=bits)
+
+
+def _attn_out_stats(absorbable: str) -> PlaceStats:
+    """o_proj's input of 4 query heads of width 3 over 2 value heads, with one outlier channel."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 12, generator=generator)
+    x[:, 4] *= 50  # head 1 (value head 0), channel 1
+    shared = (2, 3) if absorbable == "shared_diagonal" else None
+    weight = torch.randn(6, 12, generator=generator)
+    return PlaceStats(0, "attn_out", x.abs().amax(0), x, {"o_proj": weight}, absorbable,
+                      shared_heads=shared)
+
+
+def test_foldable_smoothquant_shares_o_proj_scales_across_the_query_heads_of_a_value_head():
+    manager = StrategyManager()
+    settings = QuantSettings(wbits=8, abits=8, act_clip_search=False, weight_clip_search=False)
+    stats = _attn_out_stats("shared_diagonal")
+    per_channel = manager.plan("smoothquant", stats, manager.resolve("smoothquant", {}, settings), settings)
+    foldable = manager.plan("smoothquant", stats, manager.resolve("smoothquant", {"foldable": True}, settings), settings)
+    grouped = foldable.transform.factors.reshape(2, 2, 3)
+    assert torch.equal(grouped[:, 0], grouped[:, 1])  # equal across the two query heads of each value head
+    # a channel's factor comes from its maxima over the group's heads (channel 1 of heads 0 and 1)
+    from quantcompose_plugins._duquant_rotation import smooth_factors
+
+    act = torch.maximum(stats.act_absmax[1], stats.act_absmax[4]).reshape(1)
+    weight = stats.weight_absmax()[[1, 4]].amax().reshape(1)
+    expected = 1.0 / smooth_factors(act, weight, 0.5)
+    assert foldable.transform.factors[1] == foldable.transform.factors[4] == expected
+    assert not torch.equal(per_channel.transform.factors.reshape(2, 2, 3)[:, 0],
+                           per_channel.transform.factors.reshape(2, 2, 3)[:, 1])
+    # a place that absorbs a per-channel scale gets one either way; one that absorbs nothing gets none
+    diagonal = _attn_out_stats("diagonal")
+    options = manager.resolve("smoothquant", {"foldable": True}, settings)
+    assert torch.equal(manager.plan("smoothquant", diagonal, options, settings).transform.factors,
+                       per_channel.transform.factors)
+    assert isinstance(manager.plan("smoothquant", _attn_out_stats("none"), options, settings).transform, Identity)
+
+
+def test_quarot_without_online_hadamards_keeps_only_the_folded_rotations():
+    from quantcompose.strategy import ModelFacts
+
+    manager = StrategyManager()
+    settings = QuantSettings(wbits=8, abits=8)
+    facts = ModelFacts("llama", 2, 96, 24, 4, 2, True)
+    strategy = manager.get("quarot")
+    full, folded = (manager.resolve("quarot", {"online_hadamards": flag}, settings) for flag in (True, False))
+    assert strategy.model_plan(facts, full, settings).qk_rotation is not None
+    plan = strategy.model_plan(facts, folded, settings)
+    assert plan.fuse_norms and plan.residual is not None and plan.value_head is not None and plan.qk_rotation is None
+    for place, width in (("attn_out", 96), ("mlp_down", 224)):
+        stats = PlaceStats(0, place, torch.ones(width), torch.ones(4, width), {"w": torch.ones(2, width)}, "none",
+                           model=facts)
+        assert not isinstance(strategy.plan(stats, full, settings).transform, Identity)
+        assert isinstance(strategy.plan(stats, folded, settings).transform, Identity)

@@ -13,7 +13,11 @@ package's own packer. Online transforms have no place in a checkpoint that
 transformers runs (its compressed-tensors loader does not apply a
 ``transform_config``), so a diagonal :class:`Scale` on the input of q/k/v or
 gate/up is folded into the RMSNorm before it (exact: the norm's output is
-multiplied elementwise) and every other online transform is an error.
+multiplied elementwise) and every other online transform is an error naming
+the layer, the transform and why it cannot fold. (The pipeline already folds
+every scale a linear before a place can absorb: ``up_proj`` for ``down_proj``,
+``v_proj`` for ``o_proj``, under grouped-query attention only a scale the
+query heads of each value head share.)
 """
 
 from __future__ import annotations
@@ -98,14 +102,34 @@ def _same_scale(transforms: list[Transform | None]) -> Scale | None:
     return first
 
 
+#: The quantize options whose models fold every transform into their weights.
+EXPORTABLE_METHODS = ("rtn; smoothquant with --opt foldable=true; quarot with --opt online_hadamards=false "
+                      "(its folded rotations only)")
+
+
 def _unexportable(layer: str, transform: Transform, why: str) -> UnexportableTransformError:
     return UnexportableTransformError(
         f"{layer} runs the online transform {describe_transform(transform)} on its input, which a "
         f"compressed-tensors checkpoint cannot carry: {why}. transformers does not apply the format's "
         "transform_config when it loads a checkpoint, so writing one would give a silently different model. "
-        "Export a model whose transforms fold entirely (--method rtn; smoothquant where each query head has its "
-        "own value head), or serve it with quantcompose itself."
+        f"Export a model whose transforms fold entirely ({EXPORTABLE_METHODS}), or serve it with quantcompose itself."
     )
+
+
+def _why_not_foldable(place: Any, transform: Transform, shared: bool) -> str:
+    """Why the online ``transform`` at ``place`` has no exact fold into what comes before it."""
+    if not isinstance(transform, Scale):
+        before = f"the {place.prev_kind} {place.prev} before it" if place.prev else "anything before it"
+        return f"it is not diagonal, and only a diagonal scale folds exactly into {before}"
+    if not shared:
+        return f"it is not one Scale shared by {', '.join(place.linears)}, which all read the same activation"
+    if place.absorbable == "shared_diagonal" and place.prev_factors(transform.factors) is None:
+        return (f"under grouped-query attention {place.prev} absorbs a scale only when the query heads that share "
+                "a value head share its factors, and these differ between them (smoothquant --opt foldable=true "
+                "picks shared ones)")
+    if place.prev_kind == "linear":
+        return f"the linear {place.prev} before it is already quantized (the pipeline would have folded it)"
+    return "nothing before it can absorb it"
 
 
 def fold_online_scales(model: nn.Module) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
@@ -114,7 +138,7 @@ def fold_online_scales(model: nn.Module) -> tuple[dict[str, torch.Tensor], tuple
     An online :class:`Scale` shared by every linear that reads a norm's output
     moves into that norm's weight (the model itself is left unchanged). Any
     other online transform raises :class:`UnexportableTransformError` naming
-    the linear and the transform.
+    the linear, the transform and why it cannot fold.
     """
     from quantcompose.models import get_adapter
 
@@ -134,13 +158,8 @@ def fold_online_scales(model: nn.Module) -> tuple[dict[str, torch.Tensor], tuple
                 continue
             path, transform = next((p, t) for p, t in zip(paths, transforms) if t is not None)
             scale = _same_scale(transforms)
-            if place.prev_kind != "norm":
-                raise _unexportable(path, transform, f"the {place.prev_kind} before it cannot absorb it exactly "
-                                    "(its weights are already quantized)" if place.prev else "nothing before it "
-                                    "can absorb it")
-            if scale is None:
-                raise _unexportable(path, transform, f"only a diagonal Scale shared by {', '.join(place.linears)} "
-                                    f"folds into the norm {place.prev}")
+            if scale is None or place.prev_kind != "norm":
+                raise _unexportable(path, transform, _why_not_foldable(place, transform, scale is not None))
             norm = f"{prefix}.{place.prev}"
             weight = model.get_submodule(norm).weight
             overrides[f"{norm}.weight"] = (weight.detach() * scale.factors.to(weight.device, weight.dtype)).cpu()

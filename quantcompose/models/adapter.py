@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from quantcompose.strategy import Absorbable
@@ -34,6 +35,12 @@ class InputPlace:
 
     ``group`` defaults to ``""`` (no sub-block stated) only so that places
     written before it existed still construct; every built-in adapter states it.
+
+    ``absorbable="shared_diagonal"`` (``o_proj``'s input under grouped-query
+    attention) comes with ``shared_heads = (query heads per value head, head
+    size)``: one value head serves a contiguous group of query heads, so its
+    rows absorb a diagonal scale only when every head of the group has the
+    same factors (:meth:`prev_factors`).
     """
 
     name: str
@@ -43,6 +50,24 @@ class InputPlace:
     absorbable: Absorbable
     group: str = ""
     prev_rows: RowRange | None = None
+    shared_heads: tuple[int, int] | None = None
+
+    def prev_factors(self, factors: torch.Tensor) -> torch.Tensor | None:
+        """The factors ``prev``'s output rows take to absorb ``Scale(factors)`` on this input, or None.
+
+        ``factors`` themselves for a diagonal place; for a shared-diagonal one
+        the value head's factors when all query heads of each group agree
+        exactly, else None (the scale cannot fold).
+        """
+        if self.absorbable in ("any", "diagonal"):
+            return factors
+        if self.absorbable != "shared_diagonal" or self.shared_heads is None:
+            return None
+        group, head_dim = self.shared_heads
+        grouped = factors.reshape(-1, group, head_dim)
+        if not torch.equal(grouped, grouped[:, :1].expand_as(grouped)):
+            return None
+        return grouped[:, 0].reshape(-1)
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,11 @@ class PreNormDecoderAdapter(ModelAdapter):
     * ``attn_in`` (the q, k, v projections) after ``input_layernorm``: a
       diagonal scale, into the norm's weight.
     * ``attn_out`` (``o_proj``) after attention, whose values come from the v
-      projection: a diagonal scale folds into v's rows only when every query
-      head has its own value head; with grouped-query attention one value head
-      serves several query heads, which would need different scales, so the
-      transform runs online instead (``"none"``).
+      projection: a diagonal scale folds into v's rows when every query head
+      has its own value head; with grouped-query attention one value head
+      serves several query heads, so only a scale that repeats across the
+      query heads of each group folds (``"shared_diagonal"``); any other
+      transform there runs online.
     * ``mlp_in`` (the gate and up projections) after
       ``post_attention_layernorm``: a diagonal scale, into the norm's weight.
     * ``mlp_down`` (``down_proj``) after ``act(gate)·up``: a diagonal scale
@@ -61,11 +62,12 @@ class PreNormDecoderAdapter(ModelAdapter):
             InputPlace(
                 "attn_out",
                 (ATTENTION_OUT,),
-                value.linear if own_value_heads else None,
-                "linear" if own_value_heads else "none",
-                "diagonal" if own_value_heads else "none",
+                value.linear,
+                "linear",
+                "diagonal" if own_value_heads else "shared_diagonal",
                 "attention",
-                value.rows if own_value_heads else None,
+                value.rows,
+                None if own_value_heads else (self.num_heads // self.num_kv_heads, self.head_dim),
             ),
             InputPlace("mlp_in", self._readers(("gate", "up")), MLP_NORM, "norm", "diagonal", "mlp"),
             InputPlace("mlp_down", (MLP_OUT,), up.linear, "linear", "diagonal", "mlp", up.rows),
