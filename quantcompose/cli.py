@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weight-sym", action="store_true", help="symmetric weight quantizer (default: asymmetric)")
     q.add_argument("--act-sym", action="store_true", help="symmetric activation quantizer (default: asymmetric)")
     q.add_argument("--group-size", type=int, default=None, help="per-group weight quantization with this group size")
-    from quantcompose.strategy import QuantSettings
+    from quantcompose.strategy import REFINE_METHODS, QuantSettings
 
     defaults = QuantSettings()
     q.add_argument("--weight-quantizer", choices=("rtn", "gptq"), default=defaults.weight_quantizer,
@@ -72,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--storage-dtype", choices=("float16", "bfloat16", "float32"), default=defaults.storage_dtype,
                    help="precision of the embeddings and online transforms the quantized model keeps; the "
                         "weights are folded exactly for the rounded transforms (default: %(default)s)")
+    q.add_argument("--refine", choices=REFINE_METHODS, default=defaults.refine,
+                   help="after the method's closed-form plans, learn clipping per layer against its "
+                        "full-precision output: 'lwc' (OmniQuant's learnable weight clipping and an activation "
+                        "clip per place, replacing the clip searches' ratios; default: none)")
+    q.add_argument("--refine-epochs", type=int, default=defaults.refine_epochs,
+                   help="with --refine: training epochs per layer (default: %(default)s)")
+    q.add_argument("--refine-samples", type=int, default=defaults.refine_samples,
+                   help="with --refine: calibration sequences trained on, the first ones; 0: all "
+                        "(default: %(default)s)")
+    q.add_argument("--refine-lr", type=float, default=defaults.refine_lr,
+                   help="with --refine: AdamW learning rate of the clip logits (default: %(default)s)")
     q.add_argument("--calib", default="random-zipf",
                    help="calibration data: 'random-zipf' (default: random tokens with a Zipf prior over token ids), "
                         "'random' (uniform random tokens), a text file path, or 'wikitext2' (datasets)")

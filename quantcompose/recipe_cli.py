@@ -18,7 +18,9 @@ FLAG_KEYS: dict[str, str] = {
     "method": "method", "wbits": "wbits", "abits": "abits", "qkv_bits": "qkv_bits", "group_size": "group_size",
     "weight_sym": "weight_symmetric", "act_sym": "act_symmetric", "weight_quantizer": "weight_quantizer",
     "no_clip_search": "weight_clip_search", "act_clip_search": "act_clip_search",
-    "true_sequential": "true_sequential", "residual_rotation": "residual_rotation", "storage_dtype": "storage_dtype", "seed": "seed",
+    "true_sequential": "true_sequential", "residual_rotation": "residual_rotation", "storage_dtype": "storage_dtype",
+    "refine": "refine", "refine_epochs": "refine_epochs", "refine_samples": "refine_samples",
+    "refine_lr": "refine_lr", "seed": "seed",
     "model": "model", "calib": "calibration.source", "nsamples": "calibration.nsamples",
     "calib_seqlen": "calibration.seqlen",
 }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -14,6 +14,9 @@ from quantcompose.quant import QuantSpec
 from quantcompose.transforms import Identity, Transform
 
 Absorbable = Literal["any", "diagonal", "none"]
+
+#: The values of ``QuantSettings.refine`` (quantcompose/learning/refine.py carries them out).
+REFINE_METHODS = ("lwc",)
 
 
 @dataclass(frozen=True)
@@ -62,11 +65,25 @@ class QuantSettings:
     # transforms in (quantcompose/storage.py): "float16" by default, as every
     # deployed checkpoint keeps its float parts; "float32" keeps them as computed.
     storage_dtype: str = "float16"
+    # Learned refinement on top of a place-scope strategy's closed-form plans
+    # (quantcompose/learning/refine.py): "lwc" trains OmniQuant's learnable
+    # weight clipping (and one activation clip per place) against each layer's
+    # full-precision output. The learned clips replace the clip searches,
+    # whose results are only its starting point. None: no refinement.
+    refine: str | None = None
+    # The refinement's training, used only with ``refine`` set (left at these
+    # defaults otherwise): epochs over the calibration sequences it trains on,
+    # how many of them (the first ones; 0: all), AdamW's learning rate of the
+    # clip logits. Sized for SmolLM2-135M on 2 CPU cores (docs/benchmarks.md).
+    refine_epochs: int = 1
+    refine_samples: int = 2
+    refine_lr: float = 0.3
 
     def __post_init__(self) -> None:
         from quantcompose.storage import storage_dtype
 
         storage_dtype(self.storage_dtype)
+        self._check_refine()
         for name in ("wbits", "abits"):
             value = getattr(self, name)
             if not isinstance(value, int) or not (2 <= value <= 16):
@@ -101,6 +118,28 @@ class QuantSettings:
                 f"qkv_bits={self.qkv_bits!r} is out of range: use 2..8, 16 for float Q/K/V, "
                 "or leave it unset to follow the activation bits."
             )
+
+    def _check_refine(self) -> None:
+        if self.refine is not None and self.refine not in REFINE_METHODS:
+            raise QuantSpecError(
+                f"refine={self.refine!r} is unknown: use one of {', '.join(map(repr, REFINE_METHODS))}, "
+                "or None for no refinement."
+            )
+        for name, minimum in (("refine_epochs", 1), ("refine_samples", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise QuantSpecError(f"{name}={value!r} must be an integer of at least {minimum}.")
+        lr = self.refine_lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (0 < lr < float("inf")):
+            raise QuantSpecError(f"refine_lr={lr!r} must be a positive finite number (e.g. 0.1).")
+        if self.refine is None:
+            changed = [f.name for f in fields(self) if f.name.startswith("refine_")
+                       and getattr(self, f.name) != f.default]
+            if changed:
+                raise QuantSpecError(
+                    f"{', '.join(changed)} set, but refine is None, so nothing would use them; "
+                    "set refine='lwc' (CLI --refine lwc) or drop them."
+                )
 
     def weight_spec(self, clip_ratio: float = 1.0) -> QuantSpec | None:
         """The per-channel (or per-group) weight quantizer, or None at 16 bits."""
