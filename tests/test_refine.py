@@ -113,18 +113,17 @@ def test_the_same_seed_gives_the_same_model_and_save_load_keeps_its_logits(tmp_p
     assert torch.equal(_logits(load_quantized(tmp_path / "m")[0], tokens), _logits(first, tokens))
 
 
-def test_refinement_changes_the_model_and_works_with_gptq_and_every_place_scope_strategy():
-    tokens = _tokens()
-    for method in ("rtn", "smoothquant", "quarot", "duquant"):
-        for quantizer in ("rtn", "gptq"):
-            base = QuantSettings(wbits=4, abits=4, weight_quantizer=quantizer, qkv_bits=16)
-            closed, refined = tiny_llama(), tiny_llama()
-            quantize_model(closed, tokens, method, base, progress=False)
-            quantize_model(refined, tokens, method,
-                           QuantSettings(**{**base.__dict__, "refine": "lwc"}), progress=False)
-            logits = _logits(refined, tokens)
-            assert torch.isfinite(logits).all(), (method, quantizer)
-            assert not torch.equal(logits, _logits(closed, tokens)), (method, quantizer)
+@pytest.mark.parametrize("method, quantizer", [("rtn", "rtn"), ("smoothquant", "rtn"), ("quarot", "gptq"),
+                                               ("duquant", "gptq")])
+def test_refinement_changes_the_model_for_every_place_scope_strategy_and_both_weight_quantizers(method, quantizer):
+    tokens = _tokens(4, 16)
+    base = QuantSettings(wbits=4, abits=4, weight_quantizer=quantizer, qkv_bits=16)
+    closed, refined = tiny_llama(), tiny_llama()
+    quantize_model(closed, tokens, method, base, progress=False)
+    quantize_model(refined, tokens, method, replace(base, refine="lwc"), progress=False)
+    logits = _logits(refined, tokens)
+    assert torch.isfinite(logits).all()
+    assert not torch.equal(logits, _logits(closed, tokens))
 
 
 @pytest.mark.parametrize("changes, error", [
@@ -147,7 +146,7 @@ def test_bad_refine_values_are_refused_by_the_settings(changes, error):
     ("duquant", {"true_sequential": True}, "true_sequential"),
 ])
 def test_refine_conflicts_are_refused_before_calibration(method, changes, error):
-    settings = QuantSettings(**{**REFINED.__dict__, **changes})
+    settings = replace(REFINED, **changes)
     bad_tokens = torch.full((2, 8), 10_000)  # out of the vocabulary: calibration would refuse them next
     with pytest.raises(OptionError, match=error):
         quantize_model(tiny_llama(), bad_tokens, method, settings, progress=False)
@@ -207,8 +206,7 @@ def test_on_smollm2_layer_3_refined_duquant_beats_the_closed_form_plan_on_held_o
 
     base = QuantSettings(wbits=4, abits=4, weight_quantizer="rtn", qkv_bits=16)
     closed, _ = quantized_layer(base)
-    refined, summary = quantized_layer(QuantSettings(**{**base.__dict__, "refine": "lwc", "refine_epochs": 3,
-                                                        "refine_samples": 0}))
+    refined, summary = quantized_layer(replace(base, refine="lwc", refine_epochs=3, refine_samples=0))
     notes = summary[0]
     assert notes["loss_final"] < notes["loss_epoch1"], notes
     assert held_out_error(refined) < held_out_error(closed), (held_out_error(refined), held_out_error(closed))
