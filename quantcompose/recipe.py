@@ -214,6 +214,12 @@ class Recipe:
             strategy = manager.get(self.method)
         except QuantComposeError as exc:
             raise RecipeError(f"recipe key method: {exc}") from None
+        from quantcompose.learning.refine import check_refine
+
+        try:  # the refinement against the strategy (a layer-scope one trains itself) and the base bits
+            check_refine(strategy, self.settings())
+        except QuantComposeError as exc:
+            raise RecipeError(f"recipe key refine: {exc}") from None
         checks = [("options", self.settings())]
         checks += [(f"options (with the bits of targets[{i}])", self.target_settings(t)) for i, t in enumerate(self.targets)]
         resolved: list[dict[str, Any]] = []

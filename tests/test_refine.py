@@ -162,6 +162,8 @@ def test_recipes_carry_the_refinement_and_refuse_bad_values():
         Recipe.from_dict({"refine": "lwc", "refine_lr": "fast"})
     with pytest.raises(RecipeError, match="refine is None"):
         Recipe.from_dict({"refine_samples": 8})
+    with pytest.raises(RecipeError, match="recipe key refine: .*fits whole layers itself"):
+        Recipe.from_dict({"method": "omniquant", "refine": "lwc"}).resolve()
 
 
 def test_the_cli_parses_the_refine_flags():
