@@ -9,7 +9,8 @@ evaluation windows, so the methods are compared side by side:
 
 A row is ``METHOD:WBITS:ABITS`` or ``duquant-ablation:NAME[:WBITS:ABITS]``,
 optionally followed by ``:KEY=VALUE`` items that apply to that row only: a
-``QuantSettings`` field (``weight_quantizer=gptq``, ``act_clip_search=true``)
+``QuantSettings`` field (``weight_quantizer=gptq``, ``act_clip_search=true``,
+``refine=lwc``, ``refine_epochs=2``)
 or a strategy option (``alpha=0.5``). The model is
 loaded once and its float state restored before each row; quantization time
 counts calibration and transform fitting only, not loading or evaluation.
@@ -54,7 +55,9 @@ def _setting_value(key: str, text: str):
         return parse_bool(text)
     if isinstance(default, int) or key in ("qkv_bits", "weight_group_size"):
         return None if text.lower() == "none" else int(text)
-    return text
+    if isinstance(default, float):
+        return float(text)
+    return None if key == "refine" and text.lower() == "none" else text
 
 
 def parse_row(row: str, user_options: dict[str, dict[str, str]]):

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weight-sym", action="store_true", help="symmetric weight quantizer (default: asymmetric)")
     q.add_argument("--act-sym", action="store_true", help="symmetric activation quantizer (default: asymmetric)")
     q.add_argument("--group-size", type=int, default=None, help="per-group weight quantization with this group size")
-    from quantcompose.strategy import QuantSettings
+    from quantcompose.strategy import REFINE_METHODS, QuantSettings
 
     defaults = QuantSettings()
     q.add_argument("--weight-quantizer", choices=("rtn", "gptq"), default=defaults.weight_quantizer,
@@ -76,6 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store the embedding table as 8-bit (or 4-bit packed) codes with one scale and zero "
                         "point per row (8 or 4), quantized after calibration; a head tied to the table "
                         "must be quantized too, by a recipe target (default: float)")
+    q.add_argument("--refine", choices=REFINE_METHODS, default=defaults.refine,
+                   help="after the method's closed-form plans, learn clipping per layer against its "
+                        "full-precision output: 'lwc' (OmniQuant's learnable weight clipping and an activation "
+                        "clip per place, replacing the clip searches' ratios; default: none)")
+    q.add_argument("--refine-epochs", type=int, default=defaults.refine_epochs,
+                   help="with --refine: training epochs per layer (default: %(default)s)")
+    q.add_argument("--refine-samples", type=int, default=defaults.refine_samples,
+                   help="with --refine: calibration sequences trained on, the first ones; 0: all "
+                        "(default: %(default)s)")
+    q.add_argument("--refine-lr", type=float, default=defaults.refine_lr,
+                   help="with --refine: AdamW learning rate of the clip logits (default: %(default)s)")
     q.add_argument("--calib", default="random-zipf",
                    help="calibration data: 'random-zipf' (default: random tokens with a Zipf prior over token ids), "
                         "'random' (uniform random tokens), a text file path, or 'wikitext2' (datasets)")

@@ -21,12 +21,13 @@ from tqdm.auto import tqdm
 from quantcompose.attention_quant import AttentionQuantizer, install_attention_quantization, set_attention_quantizer
 from quantcompose.errors import CalibrationError, QuantSpecError
 from quantcompose.learning.fake_quant import clamp_to_bounds
+from quantcompose.learning.refine import check_refine, refine_layer
 from quantcompose.model_scope import apply_model_plan, model_facts, residual_hadamard_plan
 from quantcompose.models import InputPlace, ModelAdapter, get_adapter, get_submodule, set_submodule
 from quantcompose.plugin_manager import StrategyManager, check_plan, get_plugin_manager
 from quantcompose.qlinear import QuantLinear, SharedInput
 from quantcompose.quant_embedding import quantize_embedding, tied_head_message
-from quantcompose.quant import QuantSpec, clamp_to_ratios, fake_quantize, search_act_clip_ratio, search_clip_ratios
+from quantcompose.quant import QuantSpec, clamp_to_ratios, fake_quantize, row_clip_ratios, searched_act_spec
 from quantcompose.quant.weight_quantizers import WeightQuantizer, get_weight_quantizer
 from quantcompose.storage import hold_in_storage, round_float_weights, storage_dtype, stored_transform
 from quantcompose.targets import PlaceTargets
@@ -47,10 +48,6 @@ class QuantizationReport:
     model_plan: dict[str, Any] | None = None  # what the model scope rewrote, if anything
     attention: str | None = None  # how Q/K/V are quantized, if they are
     embedding: str | None = None  # the embedding table's quantizer, if it is quantized
-
-
-#: Calibration rows scoring each activation clip ratio (a strided subsample).
-ACT_SEARCH_ROWS = 256
 
 
 class _StopForward(Exception):
@@ -237,7 +234,7 @@ def quantize_layer(job: LayerJob) -> list[dict[str, Any]]:
     groups = sequential_groups(job.places) if job.settings.true_sequential else [list(job.places)]
     summary: list[dict[str, Any]] = []
     for i, group in enumerate(groups):
-        summary += _quantize_group(job, group, layer_scope)
+        summary += _quantize_group(job, group, layer_scope, refine=job.settings.refine is not None)
         if i == 0 and job.attention_quantizer is not None:
             # From here on the layer runs with quantized Q/K/V: a later group
             # (the MLP under true-sequential) and the next layer calibrate on that.
@@ -307,9 +304,15 @@ def _collect_statistics(
     return collectors, outputs
 
 
-def _quantize_group(job: LayerJob, places: list[InputPlace], layer_scope: bool) -> list[dict[str, Any]]:
-    """Calibrate, plan, fold and quantize ``places`` (in execution order) of one layer."""
-    collectors, fp_outputs = _collect_statistics(job, places, full_outputs=layer_scope)
+def _quantize_group(
+    job: LayerJob, places: list[InputPlace], layer_scope: bool, refine: bool = False
+) -> list[dict[str, Any]]:
+    """Calibrate, plan, fold and quantize ``places`` (in execution order) of one layer.
+
+    ``layer_scope``: the strategy refines the plans itself (``fit_layer``);
+    ``refine``: the settings' learned refinement does (:mod:`quantcompose.learning.refine`).
+    """
+    collectors, fp_outputs = _collect_statistics(job, places, full_outputs=layer_scope or refine)
     all_stats: list[PlaceStats] = []
     for place in places:
         collector = collectors[place.name]
@@ -336,7 +339,7 @@ def _quantize_group(job: LayerJob, places: list[InputPlace], layer_scope: bool) 
         return plan
 
     fitted = _in_parallel(plan_one, all_stats, job.workers, cost=lambda st: st.width)
-    if layer_scope:
+    if layer_scope or refine:
         context = LayerContext(
             index=job.index,
             layer=job.layer,
@@ -349,7 +352,10 @@ def _quantize_group(job: LayerJob, places: list[InputPlace], layer_scope: bool) 
             progress=job.progress,
         )
         with torch.enable_grad():  # the layer scope may train (the rest of the pipeline runs without grad)
-            refined = job.strategy.fit_layer(context, job.options, job.settings_of(places[0].name))
+            if layer_scope:
+                refined = job.strategy.fit_layer(context, job.options, job.settings_of(places[0].name))
+            else:
+                refined = refine_layer(context, job.settings)[0]
         if refined is not None:
             unknown = sorted(set(refined) - {p.name for p in places})
             if unknown:
@@ -454,10 +460,7 @@ def _quantize_place(
     # Sibling linears share their input, so the searches and the weight quantizer see them stacked.
     stacked = torch.cat(weights)
     if search_act:
-        # A strided subsample spans every calibration batch and keeps the error cheap.
-        act_rows = seen[:: max(1, seen.shape[0] // ACT_SEARCH_ROWS)]
-        # float32 weights: the search only ranks ratios.
-        act_spec = replace(act_spec, clip_ratio=search_act_clip_ratio(act_rows, act_spec, stacked.float()))
+        act_spec = searched_act_spec(act_spec, seen, stacked)
     quantized: list[Any] = [None] * len(linears)
     if spec is not None:
         hessian = None
@@ -473,10 +476,7 @@ def _quantize_place(
         if plan.weight_clip_rows is not None:
             range_weight = clamp_to_bounds(stacked, plan.weight_clip_rows, spec)
         else:
-            if search_weight:
-                ratios = search_clip_ratios(stacked, spec, seen.pow(2).mean(dim=0))
-            else:
-                ratios = torch.full((stacked.shape[0],), spec.clip_ratio, dtype=stacked.dtype)
+            ratios = row_clip_ratios(stacked, spec, seen if search_weight else None)
             range_weight = clamp_to_ratios(stacked, ratios, spec)
         spec = replace(spec, clip_ratio=1.0)
         q = job.weight_quantizer.quantize(stacked, spec, range_weight=range_weight, hessian=hessian)
@@ -515,7 +515,9 @@ def prepare(
     """Everything that can be checked before any work: the adapter, the strategy, its options."""
     adapter = get_adapter(model)
     strategy = manager.get(method)
-    return adapter, strategy, strategy.resolve(options, settings)
+    resolved = strategy.resolve(options, settings)
+    check_refine(strategy, settings)
+    return adapter, strategy, resolved
 
 
 def model_plan_for(

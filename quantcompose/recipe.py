@@ -97,6 +97,10 @@ class Recipe:
     residual_rotation: bool = _DEFAULT_SETTINGS.residual_rotation
     storage_dtype: str = _DEFAULT_SETTINGS.storage_dtype
     embedding_bits: int | None = _DEFAULT_SETTINGS.embedding_bits
+    refine: str | None = _DEFAULT_SETTINGS.refine
+    refine_epochs: int = _DEFAULT_SETTINGS.refine_epochs
+    refine_samples: int = _DEFAULT_SETTINGS.refine_samples
+    refine_lr: float = _DEFAULT_SETTINGS.refine_lr
     seed: int = _DEFAULT_SETTINGS.seed
     calibration: CalibrationRecipe = field(default_factory=CalibrationRecipe)
     ignore: tuple[str, ...] = ("lm_head",)
@@ -211,6 +215,12 @@ class Recipe:
             strategy = manager.get(self.method)
         except QuantComposeError as exc:
             raise RecipeError(f"recipe key method: {exc}") from None
+        from quantcompose.learning.refine import check_refine
+
+        try:  # the refinement against the strategy (a layer-scope one trains itself) and the base bits
+            check_refine(strategy, self.settings())
+        except QuantComposeError as exc:
+            raise RecipeError(f"recipe key refine: {exc}") from None
         checks = [("options", self.settings())]
         checks += [(f"options (with the bits of targets[{i}])", self.target_settings(t)) for i, t in enumerate(self.targets)]
         resolved: list[dict[str, Any]] = []
@@ -234,14 +244,15 @@ class Recipe:
 _SETTINGS_KEYS = (
     "wbits", "abits", "qkv_bits", "group_size", "weight_symmetric", "act_symmetric", "weight_quantizer",
     "weight_clip_search", "act_clip_search", "true_sequential", "residual_rotation", "storage_dtype", "embedding_bits",
-    "seed",
+    "refine", "refine_epochs", "refine_samples", "refine_lr", "seed",
 )
 #: Scalar keys and what each must be: a type, or a tuple of types (``None`` allowed when listed).
 _SCALARS: dict[str, tuple[Any, ...]] = {
     "method": (str,), "wbits": (int,), "abits": (int,), "qkv_bits": (int, None), "group_size": (int, None),
     "weight_symmetric": (bool,), "act_symmetric": (bool,), "weight_quantizer": (str,),
     "weight_clip_search": (bool,), "act_clip_search": (bool,), "true_sequential": (bool,),
-    "residual_rotation": (bool,), "storage_dtype": (str,), "embedding_bits": (int, None), "seed": (int,), "model": (str, None),
+    "residual_rotation": (bool,), "storage_dtype": (str,), "embedding_bits": (int, None), "refine": (str, None),
+    "refine_epochs": (int,), "refine_samples": (int,), "refine_lr": (float, int), "seed": (int,), "model": (str, None),
     "quantcompose_version": (str, None),
 }
 _TOP_KEYS = (*_SCALARS, "options", "calibration", "ignore", "targets")
@@ -253,7 +264,7 @@ _HEADER = "# quantcompose recipe: `quantcompose quantize --recipe THIS_FILE` (fl
 
 
 def _type_name(kinds: tuple[Any, ...]) -> str:
-    names = {str: "a string", int: "an integer", bool: "true or false", None: "unset"}
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", None: "unset"}
     return " or ".join(names[k] for k in kinds)
 
 
@@ -265,6 +276,8 @@ def _checked(key: str, value: Any, kinds: tuple[Any, ...]) -> Any:
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if kind in (str, bool) and isinstance(value, kind):
+            return value
+        if kind is float and isinstance(value, float):
             return value
     raise RecipeError(f"recipe key {key} must be {_type_name(kinds)}, got {value!r} ({type(value).__name__})")
 

@@ -19,7 +19,8 @@ FLAG_KEYS: dict[str, str] = {
     "weight_sym": "weight_symmetric", "act_sym": "act_symmetric", "weight_quantizer": "weight_quantizer",
     "no_clip_search": "weight_clip_search", "act_clip_search": "act_clip_search",
     "true_sequential": "true_sequential", "residual_rotation": "residual_rotation", "storage_dtype": "storage_dtype",
-    "embedding_bits": "embedding_bits", "seed": "seed",
+    "embedding_bits": "embedding_bits", "refine": "refine", "refine_epochs": "refine_epochs",
+    "refine_samples": "refine_samples", "refine_lr": "refine_lr", "seed": "seed",
     "model": "model", "calib": "calibration.source", "nsamples": "calibration.nsamples",
     "calib_seqlen": "calibration.seqlen",
 }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -17,6 +17,9 @@ from quantcompose.transforms import Identity, Transform
 #: scale equal across the query heads that share one value head (``o_proj``'s input under grouped-query
 #: attention: ``v_proj``'s rows absorb it), or nothing.
 Absorbable = Literal["any", "diagonal", "shared_diagonal", "none"]
+
+#: The values of ``QuantSettings.refine`` (quantcompose/learning/refine.py carries them out).
+REFINE_METHODS = ("lwc",)
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,19 @@ class QuantSettings:
     # per byte, one scale and zero point per row, quantized at the end of the run (after the model
     # scope rotated the table and calibration read it in float). None keeps the table in float.
     embedding_bits: int | None = None
+    # Learned refinement on top of a place-scope strategy's closed-form plans
+    # (quantcompose/learning/refine.py): "lwc" trains OmniQuant's learnable
+    # weight clipping (and one activation clip per place) against each layer's
+    # full-precision output. The learned clips replace the clip searches,
+    # whose results are only its starting point. None: no refinement.
+    refine: str | None = None
+    # The refinement's training, used only with ``refine`` set (left at these
+    # defaults otherwise): epochs over the calibration sequences it trains on,
+    # how many of them (the first ones; 0: all), AdamW's learning rate of the
+    # clip logits. Sized for SmolLM2-135M on 2 CPU cores (docs/benchmarks.md).
+    refine_epochs: int = 1
+    refine_samples: int = 2
+    refine_lr: float = 0.3
 
     def __post_init__(self) -> None:
         from quantcompose.quant_embedding import check_embedding_bits
@@ -77,6 +93,7 @@ class QuantSettings:
         storage_dtype(self.storage_dtype)
         if self.embedding_bits is not None:
             check_embedding_bits(self.embedding_bits)
+        self._check_refine()
         for name in ("wbits", "abits"):
             value = getattr(self, name)
             if not isinstance(value, int) or not (2 <= value <= 16):
@@ -111,6 +128,28 @@ class QuantSettings:
                 f"qkv_bits={self.qkv_bits!r} is out of range: use 2..8, 16 for float Q/K/V, "
                 "or leave it unset to follow the activation bits."
             )
+
+    def _check_refine(self) -> None:
+        if self.refine is not None and self.refine not in REFINE_METHODS:
+            raise QuantSpecError(
+                f"refine={self.refine!r} is unknown: use one of {', '.join(map(repr, REFINE_METHODS))}, "
+                "or None for no refinement."
+            )
+        for name, minimum in (("refine_epochs", 1), ("refine_samples", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise QuantSpecError(f"{name}={value!r} must be an integer of at least {minimum}.")
+        lr = self.refine_lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (0 < lr < float("inf")):
+            raise QuantSpecError(f"refine_lr={lr!r} must be a positive finite number (e.g. 0.1).")
+        if self.refine is None:
+            changed = [f.name for f in fields(self) if f.name.startswith("refine_")
+                       and getattr(self, f.name) != f.default]
+            if changed:
+                raise QuantSpecError(
+                    f"{', '.join(changed)} set, but refine is None, so nothing would use them; "
+                    "set refine='lwc' (CLI --refine lwc) or drop them."
+                )
 
     def weight_spec(self, clip_ratio: float = 1.0) -> QuantSpec | None:
         """The per-channel (or per-group) weight quantizer, or None at 16 bits."""

@@ -67,6 +67,16 @@ def _groups(spec: QuantSpec, width: int) -> int:
     raise ShapeError(f"learnable weight clipping works per channel or group, not {spec.granularity!r}")
 
 
+def ratio_logits(ratios: torch.Tensor, cap: float = INIT_LOGIT) -> torch.Tensor:
+    """The logits whose sigmoids are ``ratios`` in (0, 1], capped at ``cap``.
+
+    A ratio of 1 (no clipping) has no finite logit, and near it the sigmoid is
+    too flat to learn from: the cap is where training starts instead
+    (``sigmoid(INIT_LOGIT) ≈ 0.982``, OmniQuant's initialization).
+    """
+    return torch.logit(ratios.detach().double().clamp(1e-6, 1.0)).clamp(max=cap).float()
+
+
 class LearnableWeightClip(nn.Module):
     """OmniQuant's LWC for one (stacked) weight of shape ``(rows, width)``.
 
@@ -96,6 +106,19 @@ class LearnableWeightClip(nn.Module):
         clamped = torch.maximum(torch.minimum(wg, hi), lo)
         return fake_quantize_range(clamped, lo, hi, self.spec).reshape(weight.shape)
 
+    def start_at(self, bounds: torch.Tensor, cap: float = INIT_LOGIT) -> None:
+        """Start at ``bounds``, ``(rows, groups, 2)`` (lower, upper) ratios as :meth:`frozen_bounds` gives them.
+
+        Each ratio becomes its logit, capped as :func:`ratio_logits` does.
+        """
+        if bounds.shape != (*self.beta.shape[:2], 2):
+            raise ShapeError(f"clip bounds of shape {tuple(bounds.shape)} do not fit an LWC of "
+                             f"{self.beta.shape[0]} rows × {self.beta.shape[1]} group(s)")
+        logits = ratio_logits(bounds.to(self.beta.device), cap)
+        with torch.no_grad():
+            self.beta.copy_(logits[..., :1])
+            self.gamma.copy_(logits[..., 1:])
+
     def frozen_bounds(self) -> torch.Tensor:
         """The learned ratios as a fixed ``(rows, groups, 2)`` tensor of (lower, upper) clips, detached."""
         with torch.no_grad():
@@ -116,6 +139,11 @@ class LearnableActClip(nn.Module):
         ratio = torch.sigmoid(self.logit)
         lo, hi = _row_range(x, self.spec)
         return fake_quantize_range(x, lo * ratio, hi * ratio, self.spec)
+
+    def start_at(self, ratio: float, cap: float = INIT_LOGIT) -> None:
+        """Start the clip at ``ratio`` in (0, 1], as :func:`ratio_logits` caps it."""
+        with torch.no_grad():
+            self.logit.copy_(ratio_logits(torch.tensor(float(ratio)), cap))
 
     def frozen_ratio(self) -> float:
         """The learned ratio, a plain float in (0, 1) for the place's ``act_spec.clip_ratio``."""
@@ -147,5 +175,6 @@ __all__ = [
     "LearnableWeightClip",
     "clamp_to_bounds",
     "fake_quantize_range",
+    "ratio_logits",
     "round_ste",
 ]

@@ -7,7 +7,14 @@ from quantcompose.quant.functional import (
     fake_quantize,
     quantize,
 )
-from quantcompose.quant.clip_search import clamp_rows, clamp_to_ratios, search_act_clip_ratio, search_clip_ratios
+from quantcompose.quant.clip_search import (
+    clamp_rows,
+    clamp_to_ratios,
+    row_clip_ratios,
+    search_act_clip_ratio,
+    search_clip_ratios,
+    searched_act_spec,
+)
 from quantcompose.quant.packing import pack_int4, unpack_int4
 from quantcompose.quant.spec import QuantSpec
 
@@ -24,4 +31,6 @@ __all__ = [
     "search_act_clip_ratio",
     "clamp_rows",
     "clamp_to_ratios",
+    "row_clip_ratios",
+    "searched_act_spec",
 ]

@@ -29,6 +29,8 @@ DEFAULT_GRID = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 down to 0.5
 # 1.0 down to 0.6 in steps of 0.025: on SmolLM2-135M W4A4 (DuQuant) the finer
 # grid was better than steps of 0.05 on each of three seeds (docs/benchmarks.md).
 ACT_GRID = tuple(1.0 - 0.025 * i for i in range(17))
+#: Calibration rows scoring each activation clip ratio of a place (a strided subsample).
+ACT_SEARCH_ROWS = 256
 
 
 def search_clip_ratios(
@@ -124,3 +126,25 @@ def search_act_clip_ratio(
         if err < best_err:
             best_ratio, best_err = float(ratio), err
     return best_ratio
+
+
+def searched_act_spec(spec: QuantSpec, seen: torch.Tensor, weight: torch.Tensor) -> QuantSpec:
+    """``spec`` with the clip ratio :func:`search_act_clip_ratio` picks for one place.
+
+    ``seen`` are the place's transformed calibration activations; a strided
+    subsample of :data:`ACT_SEARCH_ROWS` of them spans every calibration batch
+    and keeps the search cheap. ``weight`` stacks the consuming linears.
+    """
+    rows = seen[:: max(1, seen.shape[0] // ACT_SEARCH_ROWS)]
+    # float32 weights: the search only ranks ratios.
+    return replace(spec, clip_ratio=search_act_clip_ratio(rows, spec, weight.float()))
+
+
+def row_clip_ratios(weight: torch.Tensor, spec: QuantSpec, seen: torch.Tensor | None) -> torch.Tensor:
+    """One clip ratio per row of ``weight``: searched, weighted by ``seen``'s mean squares, or ``spec.clip_ratio``.
+
+    ``seen`` (the transformed calibration activations) ``None`` means no search.
+    """
+    if seen is None:
+        return torch.full((weight.shape[0],), spec.clip_ratio, dtype=weight.dtype)
+    return search_clip_ratios(weight, spec, seen.pow(2).mean(dim=0))
