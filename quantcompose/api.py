@@ -36,7 +36,8 @@ class QuantizeReport:
         return self.quantization.seconds
 
 
-def _tokens_digest(tokens: torch.Tensor) -> str:
+def tokens_digest(tokens: torch.Tensor) -> str:
+    """sha256 of a token tensor's shape and int64 ids: how a recipe and a work folder name calibration tokens."""
     data = tokens.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
     shape = "x".join(str(n) for n in tokens.shape)
     return hashlib.sha256(shape.encode() + b":" + data).hexdigest()
@@ -45,7 +46,7 @@ def _tokens_digest(tokens: torch.Tensor) -> str:
 def _with_given_tokens(recipe: Recipe, tokens: torch.Tensor) -> Recipe:
     """``recipe`` recording ``tokens`` as its calibration (by sha256), if they are the ones it may record."""
     source = recipe.calibration.source
-    recorded = TOKENS_PREFIX + _tokens_digest(tokens)
+    recorded = TOKENS_PREFIX + tokens_digest(tokens)
     if source.startswith(TOKENS_PREFIX) and source != recorded:
         raise CalibrationError(
             f"the calibration tokens passed in are not the ones the recipe records ({source}); "

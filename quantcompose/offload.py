@@ -22,7 +22,6 @@ import ctypes
 import hashlib
 import json
 import os
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -30,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantcompose import __version__, pipeline
-from quantcompose.api import RECIPE_ATTRIBUTE, QuantizeReport, _tokens_digest, prepare_quantization
+from quantcompose.api import RECIPE_ATTRIBUTE, QuantizeReport, tokens_digest, prepare_quantization
 from quantcompose.attention_quant import set_attention_quantizer
 from quantcompose.checkpoint import Checkpoint, load_into
 from quantcompose.errors import ModelLoadError, OffloadError
@@ -94,7 +93,7 @@ def _arguments_hash(checkpoint: Checkpoint, recipe: Any, tokens: torch.Tensor, d
         "version": __version__,
         "source": checkpoint.fingerprint(),
         "recipe": recipe.to_dict(),
-        "tokens": _tokens_digest(tokens),
+        "tokens": tokens_digest(tokens),
         "device": str(device),
         "dtype": str(dtype),
         "batch_size": batch_size,
