@@ -21,7 +21,7 @@ from quantcompose.learning import (
     train_layer,
 )
 from quantcompose.models import get_adapter
-from quantcompose.pipeline import LayerJob, capture_first_layer_inputs, quantize_layer, quantize_model
+from quantcompose.pipeline import LayerJob, quantize_layer, quantize_model
 from quantcompose.plugin_manager import StrategyManager
 from quantcompose.quant import QuantSpec, fake_quantize
 from quantcompose.quant.weight_quantizers import get_weight_quantizer
@@ -29,6 +29,7 @@ from quantcompose.strategy import LayerContext, QuantSettings, Strategy
 from quantcompose.transforms import Identity, Scale
 from quantcompose_plugins import omniquant
 
+from layer_inputs import float_layer_inputs, layer_output
 from toymodel import tiny_llama
 
 try:
@@ -46,20 +47,14 @@ def _manager() -> StrategyManager:
     return manager
 
 
-def _output(result) -> torch.Tensor:
-    return result[0] if isinstance(result, (tuple, list)) else result
-
-
 def _context(model, tokens, index: int, settings: QuantSettings, inputs=None) -> LayerContext:
     """The layer scope's view of layer ``index`` (its inputs run through the float layers before it)."""
     adapter = get_adapter(model)
     layers = adapter.layers()
+    if inputs is None:
+        inputs = float_layer_inputs(model, tokens, index)
     with torch.no_grad():
-        if inputs is None:
-            inputs = capture_first_layer_inputs(model, layers, tokens, batch_size=4)
-            for layer in layers[:index]:
-                inputs = [(_output(layer(h, **kw)), kw) for h, kw in inputs]
-        outputs = [_output(layers[index](h, **kw)) for h, kw in inputs]
+        outputs = [layer_output(layers[index](h, **kw)) for h, kw in inputs]
     places = adapter.places(layers[index])
     plans = {
         p.name: omniquant.OmniQuant().quantizer_plan(
@@ -236,7 +231,7 @@ def test_omniquant_plans_freeze_the_learned_clips_and_the_pipeline_quantizes_wha
     hidden, kwargs = ctx.inputs[0]
     with torch.no_grad():
         expected = fake(hidden, kwargs)
-        got = _output(layer(hidden, **kwargs))
+        got = layer_output(layer(hidden, **kwargs))
     # A few activation codes may round the other way (float32 vs the reference's order of operations).
     assert float((got - expected).pow(2).mean()) < 1e-3 * float(expected.pow(2).mean())
 
@@ -363,7 +358,7 @@ def test_on_smollm2_layer_3_training_lowers_the_loss_and_beats_round_to_nearest_
         quantize_layer(job)
         hidden, kwargs = held_out
         with torch.no_grad():
-            return float((_output(layer(hidden, **kwargs)) - full.fp_outputs[1]).pow(2).mean())
+            return float((layer_output(layer(hidden, **kwargs)) - full.fp_outputs[1]).pow(2).mean())
 
     rtn, learned = held_out_error(full.plans), held_out_error(plans)
     assert learned < 0.9 * rtn, (learned, rtn)

@@ -13,7 +13,7 @@ from quantcompose.errors import OptionError, QuantSpecError, RecipeError
 from quantcompose.learning import FakeQuantLayer
 from quantcompose.learning.refine import closed_form_plan, learnable_quantizers
 from quantcompose.models import get_adapter
-from quantcompose.pipeline import LayerJob, capture_first_layer_inputs, quantize_layer, quantize_model
+from quantcompose.pipeline import LayerJob, quantize_layer, quantize_model
 from quantcompose.plugin_manager import get_plugin_manager
 from quantcompose.qlinear import QuantLinear
 from quantcompose.quant.weight_quantizers import get_weight_quantizer
@@ -21,6 +21,7 @@ from quantcompose.recipe import Recipe
 from quantcompose.saving import load_quantized, save_quantized
 from quantcompose.strategy import QuantSettings
 
+from layer_inputs import float_layer_inputs, layer_output
 from toymodel import tiny_llama
 
 try:
@@ -38,10 +39,6 @@ def _tokens(n: int = 6, length: int = 24, seed: int = 0) -> torch.Tensor:
 def _logits(model, tokens) -> torch.Tensor:
     with torch.no_grad():
         return model(tokens).logits
-
-
-def _output(result) -> torch.Tensor:
-    return result[0] if isinstance(result, (tuple, list)) else result
 
 
 def _captured_contexts(monkeypatch) -> list:
@@ -186,12 +183,9 @@ def test_on_smollm2_layer_3_refined_duquant_beats_the_closed_form_plan_on_held_o
     tokens = torch.randint(0, model.config.vocab_size, (6, 128))
     adapter = get_adapter(model)
     layers = adapter.layers()
-    with torch.no_grad():  # read-only use of the shared model: its float layers 0-2 give layer 3's inputs
-        inputs = capture_first_layer_inputs(model, layers, tokens, batch_size=4)
-        for layer in layers[:3]:
-            inputs = [(_output(layer(h, **kw)), kw) for h, kw in inputs]
-        train, held_out = inputs  # 4 calibration sequences, 2 held out
-        target = _output(layers[3](held_out[0], **held_out[1]))
+    train, held_out = float_layer_inputs(model, tokens, 3)  # 4 calibration sequences, 2 held out
+    with torch.no_grad():
+        target = layer_output(layers[3](held_out[0], **held_out[1]))
     manager = get_plugin_manager()
 
     def quantized_layer(settings: QuantSettings):
@@ -204,7 +198,7 @@ def test_on_smollm2_layer_3_refined_duquant_beats_the_closed_form_plan_on_held_o
 
     def held_out_error(layer) -> float:
         with torch.no_grad():
-            return float((_output(layer(held_out[0], **held_out[1])) - target).pow(2).mean())
+            return float((layer_output(layer(held_out[0], **held_out[1])) - target).pow(2).mean())
 
     base = QuantSettings(wbits=4, abits=4, weight_quantizer="rtn", qkv_bits=16)
     closed, _ = quantized_layer(base)
