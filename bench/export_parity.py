@@ -3,9 +3,13 @@
 For each method: quantize (W8A8: symmetric per-channel weights, symmetric
 dynamic per-token activations, no Q/K/V quantization, no activation
 clipping, the only W8A8 the format's runtimes execute), evaluate quantcompose's
-model, export, load the folder with plain ``transformers`` (compressed-tensors
+model, export, load the folder with ``transformers`` (compressed-tensors
 installed; it emulates the activation quantization on the CPU) and evaluate it
-on the same windows. A method whose transforms cannot be exported prints why.
+on the same windows. Online transforms that do not fold are written in the
+format's ``transform_config`` (``--online-transforms transform-config``, the
+default here) and the consumer applies it with compressed-tensors'
+``apply_transform_config`` (``load_with_transform_config``); with
+``--online-transforms refuse`` a method whose transforms cannot fold prints why.
 A method may carry strategy options, ``METHOD:KEY=VALUE[:KEY=VALUE]``.
 
     python bench/export_parity.py                    # 32 windows of 512 tokens
@@ -26,7 +30,8 @@ import torch
 from quantcompose.data import calibration_tokens, load_wikitext2_test
 from quantcompose.errors import ExportError
 from quantcompose.evaluate import perplexity
-from quantcompose.export import export_compressed_tensors
+from quantcompose.export import export_compressed_tensors, load_with_transform_config
+from quantcompose.export.transform_config import ONLINE_CHOICES
 from quantcompose.models.loading import load_model
 from quantcompose.pipeline import quantize_model
 from quantcompose.plugin_manager import get_plugin_manager
@@ -48,6 +53,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--weight-quantizer", choices=("rtn", "gptq"), default="gptq")
     p.add_argument("--eval-data", type=Path, default=DEFAULT_EVAL)
     p.add_argument("--out", type=Path, default=None, help="keep the exported folders here (default: a temp dir)")
+    p.add_argument("--online-transforms", choices=ONLINE_CHOICES, default="transform-config",
+                   help="what the export does with an online transform (default: %(default)s)")
     return p.parse_args()
 
 
@@ -62,8 +69,6 @@ def _method_and_options(manager, spec: str) -> tuple[str, dict]:
 
 
 def main() -> None:
-    from transformers import AutoModelForCausalLM
-
     args = parse_args()
     manager = get_plugin_manager()
     reference, tokenizer = load_model("smollm2-135m")
@@ -89,18 +94,20 @@ def main() -> None:
                        manager=manager, progress=False)
         ours = perplexity(model, tokens, seqlen=args.seqlen, max_windows=args.max_windows, progress=False)
         try:
-            export_compressed_tensors(model, tokenizer, folder, overwrite=True)
+            report = export_compressed_tensors(model, tokenizer, folder, overwrite=True,
+                                               online_transforms=args.online_transforms)
         except ExportError as error:
             message = str(error)  # "<layer> runs the online transform <T> on its input, which ...: <why>. ..."
             why = message.partition("cannot carry: ")[2].partition(". transformers")[0]
             add((spec, f"{ours:.3f}", "not exportable", message.split(", which")[0] + (f": {why}" if why else "")))
             continue
         del model
-        loaded = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+        loaded = load_with_transform_config(folder)
         with torch.no_grad():
             theirs = perplexity(loaded, tokens, seqlen=args.seqlen, max_windows=args.max_windows, progress=False)
         add((spec, f"{ours:.3f}", f"{theirs:.3f}",
-             f"{100 * (theirs / ours - 1):+.2f}% ({time.perf_counter() - start:.0f} s)"))
+             f"{100 * (theirs / ours - 1):+.2f}% ({time.perf_counter() - start:.0f} s; "
+             f"{report.online_transforms} online transforms, {report.size_bytes / 2**20:.0f} MiB)"))
     header = ("method", "quantcompose", "transformers+ct", "difference / reason")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
     for row in [header, *rows]:

@@ -33,7 +33,7 @@ from quantcompose.errors import (  # noqa: E402
     UnexportableTransformError,
     UnsupportedExportSettingsError,
 )
-from quantcompose.export import export_compressed_tensors, is_export  # noqa: E402
+from quantcompose.export import export_compressed_tensors, is_export, load_with_transform_config  # noqa: E402
 from quantcompose.export.schemes import check_settings  # noqa: E402
 from quantcompose.pipeline import quantize_model  # noqa: E402
 from quantcompose.qlinear import QuantLinear  # noqa: E402
@@ -277,6 +277,78 @@ def test_quarot_with_only_folded_rotations_exports(tmp_path):
     _assert_same_weights(model, loaded)
     assert not torch.equal(loaded.lm_head.weight, loaded.model.embed_tokens.weight)
     torch.testing.assert_close(_logits(loaded), _logits(model), atol=W8A8_LOGIT_ATOL, rtol=0)
+
+
+ONLINE_METHODS = {  # each keeps transforms online that no norm or linear before them can absorb
+    "duquant": {"block_size": 32, "steps": 4, "act_clip": 1.0},
+    "quarot": {},
+    "smoothquant": {},  # grouped-query attention: the per-channel o_proj scale stays online
+}
+
+
+@pytest.fixture(scope="module")
+def online_models():
+    return {method: _quantized(method, options, **W8A8) for method, options in ONLINE_METHODS.items()}
+
+
+@pytest.mark.parametrize("method", sorted(ONLINE_METHODS))
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_online_transforms_in_the_transform_config_load_with_compressed_tensors(online_models, method, tmp_path):
+    model = online_models[method]
+    online = _online(model)
+    assert online, "the method must keep a transform online for this test to mean anything"
+    report = export_compressed_tensors(model, None, tmp_path / "out", online_transforms="transform-config")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    groups = config["transform_config"]["config_groups"]
+    assert report.online_transforms == len(groups) > 0
+    targeted = sorted(t for g in groups.values() for a in g["apply"] for t in a["targets"])
+    assert targeted == sorted(online)  # exactly the linears that run a transform, by name
+    assert {a["location"] for g in groups.values() for a in g["apply"]} == {"input"}
+    loaded = load_with_transform_config(tmp_path / "out")
+    ours = _logits(model)
+    torch.testing.assert_close(_logits(loaded), ours, atol=W8A8_LOGIT_ATOL, rtol=0)
+    _assert_same_weights(model, loaded)  # (decompressed by the first forward pass)
+    # Without the stored matrices (plain transformers ignores the config) the model is a different one.
+    plain = _load(tmp_path / "out")
+    assert (_logits(plain) - ours).abs().max() > 10 * W8A8_LOGIT_ATOL
+
+
+def test_siblings_share_one_stored_matrix(online_models, tmp_path):
+    from safetensors import safe_open
+
+    export_compressed_tensors(online_models["duquant"], None, tmp_path / "out", online_transforms="transform-config")
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as f:
+        keys = [k for k in f.keys() if "quantcompose_online_" in k]
+    assert any(k.startswith("model.layers.0.self_attn.q_proj.") for k in keys)
+    assert not any(".k_proj." in k or ".v_proj." in k for k in keys)  # q/k/v read one activation: stored once
+
+
+def test_a_declared_transform_without_its_matrix_is_an_error(online_models, tmp_path, monkeypatch):
+    import quantcompose.export.compressed_tensors as module
+
+    real = module.transform_tensors
+    monkeypatch.setattr(module, "transform_tensors", lambda groups, dtype: dict(list(real(groups, dtype).items())[1:]))
+    export_compressed_tensors(online_models["quarot"], None, tmp_path / "out", online_transforms="transform-config")
+    with pytest.raises(ValueError, match="no stored matrix"):
+        load_with_transform_config(tmp_path / "out")
+
+
+def test_an_unknown_online_transforms_choice_is_an_error(models, tmp_path):
+    with pytest.raises(ValueError, match="online_transforms must be one of refuse, transform-config"):
+        export_compressed_tensors(models["w8a8"], None, tmp_path / "out", online_transforms="fold")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_cli_exports_online_transforms_on_request(online_models, tmp_path, capsys):
+    save_quantized(online_models["quarot"], tmp_path / "saved")
+    assert main(["export", str(tmp_path / "saved"), str(tmp_path / "refused")]) == 2
+    assert "--online-transforms transform-config" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "saved"), str(tmp_path / "out"), "--online-transforms",
+                 "transform-config"]) == 0
+    assert "online transforms in the transform_config" in capsys.readouterr().out
+    torch.testing.assert_close(_logits(load_with_transform_config(tmp_path / "out")),
+                               _logits(online_models["quarot"]), atol=W8A8_LOGIT_ATOL, rtol=0)
 
 
 def test_a_quantized_head_tied_to_the_embedding_is_an_error(models, tmp_path):

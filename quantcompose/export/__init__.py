@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ExportReport", "export_compressed_tensors", "is_export"]
+__all__ = ["ExportReport", "export_compressed_tensors", "is_export", "load_with_transform_config"]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "load_with_transform_config":
+        from quantcompose.export import transform_config
+
+        return transform_config.load_with_transform_config
     if name in __all__:
         from quantcompose.export import compressed_tensors
 

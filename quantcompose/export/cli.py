@@ -15,12 +15,23 @@ def add_export_subcommand(sub: Any) -> None:
     x.add_argument("out", metavar="OUT_DIR", help="the folder to write")
     x.add_argument("--format", choices=FORMATS, default=FORMATS[0], help="checkpoint format (default: %(default)s)")
     x.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is a previous export")
+    _add_online_option(x)
+
+
+def _add_online_option(parser: argparse.ArgumentParser) -> None:
+    from quantcompose.export.transform_config import ONLINE_CHOICES
+
+    parser.add_argument("--online-transforms", choices=ONLINE_CHOICES, default=ONLINE_CHOICES[0],
+                        help="an online transform that does not fold: refuse the export (default), or write it "
+                             "as a dense matrix in the format's transform_config, which plain transformers "
+                             "ignores (load with compressed-tensors' apply_transform_config)")
 
 
 def add_export_option(quantize: argparse.ArgumentParser) -> None:
     """``quantize --export DIR``: export the freshly quantized model too."""
     quantize.add_argument("--export", default=None, metavar="DIR",
                           help="also export the quantized model to DIR as compressed-tensors (for vLLM / transformers)")
+    _add_online_option(quantize)
 
 
 def check_export_args(args: argparse.Namespace, settings: Any) -> None:
@@ -40,7 +51,8 @@ def export_after_quantize(args: argparse.Namespace, model: Any, tokenizer: Any) 
         return
     from quantcompose.export.compressed_tensors import export_compressed_tensors
 
-    print(export_compressed_tensors(model, tokenizer, args.export, overwrite=args.overwrite).format())
+    print(export_compressed_tensors(model, tokenizer, args.export, overwrite=args.overwrite,
+                                    online_transforms=args.online_transforms).format())
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -50,5 +62,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     check_export_target(args.out, args.overwrite)
     model, tokenizer = load_quantized(args.saved)
-    print(export_compressed_tensors(model, tokenizer, args.out, overwrite=args.overwrite).format())
+    print(export_compressed_tensors(model, tokenizer, args.out, overwrite=args.overwrite,
+                                    online_transforms=args.online_transforms).format())
     return 0

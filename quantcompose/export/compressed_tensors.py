@@ -14,7 +14,9 @@ transformers runs (its compressed-tensors loader does not apply a
 ``transform_config``), so a diagonal :class:`Scale` on the input of q/k/v or
 gate/up is folded into the RMSNorm before it (exact: the norm's output is
 multiplied elementwise) and every other online transform is an error naming
-the layer, the transform and why it cannot fold. (The pipeline already folds
+the layer, the transform and why it cannot fold, unless the caller asks for
+them in the format's ``transform_config``
+(:mod:`quantcompose.export.transform_config`). (The pipeline already folds
 every scale a linear before a place can absorb: ``up_proj`` for ``down_proj``,
 ``v_proj`` for ``o_proj``, under grouped-query attention only a scale the
 query heads of each value head share.)
@@ -35,6 +37,13 @@ from torch import nn
 from quantcompose.atomic_dir import write_directory
 from quantcompose.errors import ExportError, UnexportableTransformError
 from quantcompose.export.schemes import EMBEDDING_HINT, LayerScheme, layer_scheme, unsupported_setting
+from quantcompose.export.transform_config import (
+    OnlineGroup,
+    check_online_choice,
+    group_online,
+    transform_config_of,
+    transform_tensors,
+)
 from quantcompose.qlinear import QuantLinear
 from quantcompose.quant import unpack_int4
 from quantcompose.quant_embedding import QuantEmbedding
@@ -56,11 +65,14 @@ class ExportReport:
     folded: tuple[str, ...] = field(default=())  # norms that absorbed an online Scale
     float_linears: tuple[str, ...] = field(default=())  # linears left in float (the LM head)
     size_bytes: int = 0
+    online_transforms: int = 0  # distinct online transforms written to the transform_config
 
     def format(self) -> str:
         """One line for the CLI."""
         schemes = ", ".join(f"{n} x {label}" for label, n in self.schemes.items())
         folded = f"; online scales folded into {len(self.folded)} norms" if self.folded else ""
+        if self.online_transforms:
+            folded += f"; {self.online_transforms} online transforms in the transform_config"
         return (f"exported to {self.directory} ({FORMAT}, {self.compression_format}): {schemes}{folded}; "
                 f"{self.size_bytes / 2**20:.1f} MiB")
 
@@ -110,9 +122,11 @@ EXPORTABLE_METHODS = ("rtn; smoothquant with --opt foldable=true; quarot with --
 def _unexportable(layer: str, transform: Transform, why: str) -> UnexportableTransformError:
     return UnexportableTransformError(
         f"{layer} runs the online transform {describe_transform(transform)} on its input, which a "
-        f"compressed-tensors checkpoint cannot carry: {why}. transformers does not apply the format's "
-        "transform_config when it loads a checkpoint, so writing one would give a silently different model. "
-        f"Export a model whose transforms fold entirely ({EXPORTABLE_METHODS}), or serve it with quantcompose itself."
+        f"checkpoint that plain transformers runs cannot carry: {why}. transformers does not apply the format's "
+        "transform_config when it loads a checkpoint, so one is written only on request: export with "
+        "online_transforms='transform-config' (CLI: --online-transforms transform-config) for a consumer that "
+        "applies it (compressed-tensors' apply_transform_config), export a model whose transforms fold entirely "
+        f"({EXPORTABLE_METHODS}), or serve it with quantcompose itself."
     )
 
 
@@ -132,23 +146,27 @@ def _why_not_foldable(place: Any, transform: Transform, shared: bool) -> str:
     return "nothing before it can absorb it"
 
 
-def fold_online_scales(model: nn.Module) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
-    """``({norm weight name: folded weight}, folded norm paths)``, or an error for what cannot fold.
+def fold_online_scales(
+    model: nn.Module, keep_online: bool = False
+) -> tuple[dict[str, torch.Tensor], tuple[str, ...], dict[str, Transform]]:
+    """``({norm weight name: folded weight}, folded norm paths, {linear: transform left online})``.
 
     An online :class:`Scale` shared by every linear that reads a norm's output
     moves into that norm's weight (the model itself is left unchanged). Any
     other online transform raises :class:`UnexportableTransformError` naming
-    the linear, the transform and why it cannot fold.
+    the linear, the transform and why it cannot fold, unless ``keep_online``:
+    then it is returned, for the export's transform config.
     """
     from quantcompose.models import get_adapter
 
     online = {name: m.transform for name, m in model.named_modules()
               if isinstance(m, QuantLinear) and m.transform is not None}
     if not online:
-        return {}, ()
+        return {}, (), {}
     names = {id(m): name for name, m in model.named_modules()}
     adapter = get_adapter(model)
     overrides: dict[str, torch.Tensor] = {}
+    kept: dict[str, Transform] = {}
     for layer in adapter.layers():
         prefix = names[id(layer)]
         for place in adapter.places(layer):
@@ -159,13 +177,18 @@ def fold_online_scales(model: nn.Module) -> tuple[dict[str, torch.Tensor], tuple
             path, transform = next((p, t) for p, t in zip(paths, transforms) if t is not None)
             scale = _same_scale(transforms)
             if scale is None or place.prev_kind != "norm":
-                raise _unexportable(path, transform, _why_not_foldable(place, transform, scale is not None))
+                if not keep_online:
+                    raise _unexportable(path, transform, _why_not_foldable(place, transform, scale is not None))
+                kept.update((p, t) for p, t in zip(paths, transforms) if t is not None)
+                continue
             norm = f"{prefix}.{place.prev}"
             weight = model.get_submodule(norm).weight
             overrides[f"{norm}.weight"] = (weight.detach() * scale.factors.to(weight.device, weight.dtype)).cpu()
     for path, transform in online.items():
-        raise _unexportable(path, transform, "it is not at an input place of a decoder layer")
-    return overrides, tuple(sorted(name.removesuffix(".weight") for name in overrides))
+        if not keep_online:
+            raise _unexportable(path, transform, "it is not at an input place of a decoder layer")
+        kept[path] = transform
+    return overrides, tuple(sorted(name.removesuffix(".weight") for name in overrides)), kept
 
 
 # ------------------------------------------------------------------ weights
@@ -267,7 +290,8 @@ def _ct_schemes(groups: dict[LayerScheme, list[str]]) -> dict[str, tuple[Any, st
     return result
 
 
-def _write(model: nn.Module, tokenizer: Any, staging: Path, groups, floats, overrides, folded) -> tuple[str, dict]:
+def _write(model: nn.Module, tokenizer: Any, staging: Path, groups, floats, overrides, folded,
+           online: list[OnlineGroup]) -> tuple[str, dict]:
     import compressed_tensors.quantization as ctq
     from compressed_tensors.compressors import ModelCompressor
 
@@ -296,6 +320,7 @@ def _write(model: nn.Module, tokenizer: Any, staging: Path, groups, floats, over
         if tensor.is_floating_point() and tensor.dtype != compute:
             tensor = tensor.to(compute)
         tensors[key] = tensor.detach().cpu().contiguous().clone()
+    tensors.update(transform_tensors(online, compute))
     save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
 
     model.config.to_json_file(str(staging / "config.json"))
@@ -307,7 +332,8 @@ def _write(model: nn.Module, tokenizer: Any, staging: Path, groups, floats, over
         quantization_status=ctq.QuantizationStatus.COMPRESSED,
         ignore=floats,
     )
-    ModelCompressor(quantization_config=config).update_config(str(staging))
+    transforms = transform_config_of(online) if online else None
+    ModelCompressor(quantization_config=config, transform_config=transforms).update_config(str(staging))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(staging))
     labels = {scheme.label(): len(linears) for scheme, linears in groups.items()}
@@ -317,12 +343,14 @@ def _write(model: nn.Module, tokenizer: Any, staging: Path, groups, floats, over
         "quantcompose_version": __version__, "format": FORMAT, "compression_format": compression_format,
         "schemes": labels,
         "folded_online_scales": list(folded), "float_linears": floats,
+        "online_transforms": {g.name: list(g.linears) for g in online},
     }, indent=1))
     return compression_format, labels
 
 
 def export_compressed_tensors(
-    model: nn.Module, tokenizer: Any, directory: str | os.PathLike, *, overwrite: bool = False
+    model: nn.Module, tokenizer: Any, directory: str | os.PathLike, *, overwrite: bool = False,
+    online_transforms: str = "refuse",
 ) -> ExportReport:
     """Write ``model`` (quantized by quantcompose) as a compressed-tensors checkpoint in ``directory``.
 
@@ -332,16 +360,27 @@ def export_compressed_tensors(
     layer. The folder appears complete or not at all (see
     :mod:`quantcompose.atomic_dir`); ``overwrite`` replaces only a previous
     export (or an empty folder).
+
+    ``online_transforms="transform-config"`` writes each online transform that
+    does not fold as a dense matrix in the format's ``transform_config``
+    (:mod:`quantcompose.export.transform_config`) instead of refusing it. The
+    checkpoint is then exact only for a consumer that applies that config
+    (compressed-tensors' ``apply_transform_config``); plain ``transformers``
+    ignores it.
     """
+    check_online_choice(online_transforms)
     _require_package()
     groups, floats = _schemes_of(model)
-    overrides, folded = fold_online_scales(model)
+    overrides, folded, kept = fold_online_scales(model, keep_online=online_transforms == "transform-config")
+    online = group_online(kept)
     target = check_export_target(directory, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     written: dict[str, Any] = {}
 
     def write(staging: Path) -> None:
-        written["format"], written["labels"] = _write(model, tokenizer, staging, groups, floats, overrides, folded)
+        written["format"], written["labels"] = _write(
+            model, tokenizer, staging, groups, floats, overrides, folded, online)
 
     write_directory(target, write, marker=MARKER, replace=overwrite)
-    return ExportReport(target, written["format"], written["labels"], folded, tuple(floats), directory_size(target))
+    return ExportReport(target, written["format"], written["labels"], folded, tuple(floats), directory_size(target),
+                        online_transforms=len(online))
