@@ -486,6 +486,39 @@ def test_smollm2_w8a8_export_in_transformers(tmp_path):
         torch.testing.assert_close(loaded(window).logits, model(window).logits, atol=1e-4, rtol=0)
 
 
+#: SmolLM2 DuQuant W8A8 with both activation quantizers off: the dense float32 matrices of the transform_config
+#: against quantcompose's structured transforms; measured 1.3e-4 on logits up to 36 in magnitude.
+DENSE_TRANSFORM_LOGIT_ATOL = 2e-3
+
+
+@pytest.mark.slow
+@realmodel.requires_real_model
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_smollm2_duquant_w8a8_exports_its_rotations_in_the_transform_config(tmp_path):
+    """SmolLM2 DuQuant W8A8: loaded with transformers + compressed-tensors' transform config, the same model."""
+    from quantcompose.data import calibration_tokens
+
+    model, tokenizer = realmodel.load_smollm2()
+    calib = calibration_tokens("random", tokenizer, nsamples=1, seqlen=64, seed=0, vocab_size=model.config.vocab_size)
+    quantize_model(model, calib, "duquant", QuantSettings(weight_quantizer="rtn", weight_clip_search=False, **W8A8),
+                   {"act_clip": 1.0}, progress=False)
+    report = export_compressed_tensors(model, tokenizer, tmp_path / "out", online_transforms="transform-config")
+    assert report.online_transforms == 4 * model.config.num_hidden_layers  # q/k/v, o, gate/up, down
+    loaded = load_with_transform_config(tmp_path / "out")
+    window = realmodel.wikitext2_test_tokens()[:, :128]
+    with torch.no_grad():
+        loaded(window[:, :2])  # decompress
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.act_spec = None
+    for module in loaded.modules():
+        if hasattr(module, "quantization_scheme"):
+            module.quantization_enabled = False
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(window).logits, model(window).logits,
+                                   atol=DENSE_TRANSFORM_LOGIT_ATOL, rtol=0)
+
+
 @pytest.mark.slow
 @realmodel.requires_real_model
 def test_smollm2_foldable_smoothquant_folds_o_proj_exactly(monkeypatch):
