@@ -22,8 +22,9 @@ as for any closed-form plan, so the learned clipping replaces both of
 ``QuantSettings``' clip searches. Training rounds weights to nearest;
 with ``weight_quantizer="gptq"`` GPTQ then rounds inside the learned ranges.
 Not implemented: LET's channel-wise shift (Llama's q/k/v and gate/up carry
-no bias to absorb it) and its Q/K scaling inside attention; Q/K/V
-quantization after RoPE is not simulated during training.
+no bias to absorb it) and its Q/K scaling inside attention. With Q/K/V
+quantized (``qkv_bits``), training runs with their quantization on, straight
+through its rounding, as the layer will run.
 
 Defaults (2 epochs over the first 4 calibration sequences, batch size 1,
 lr 0.1 for the clip logits, 1e-2 for LET's log-scale) are sized for

@@ -234,7 +234,8 @@ def quantize_layer(job: LayerJob) -> list[dict[str, Any]]:
     groups = sequential_groups(job.places) if job.settings.true_sequential else [list(job.places)]
     summary: list[dict[str, Any]] = []
     for i, group in enumerate(groups):
-        summary += _quantize_group(job, group, layer_scope, refine=job.settings.refine is not None)
+        summary += _quantize_group(job, group, layer_scope, refine=job.settings.refine is not None,
+                                   holds_attention=i == 0)
         if i == 0 and job.attention_quantizer is not None:
             # From here on the layer runs with quantized Q/K/V: a later group
             # (the MLP under true-sequential) and the next layer calibrate on that.
@@ -305,12 +306,15 @@ def _collect_statistics(
 
 
 def _quantize_group(
-    job: LayerJob, places: list[InputPlace], layer_scope: bool, refine: bool = False
+    job: LayerJob, places: list[InputPlace], layer_scope: bool, refine: bool = False, holds_attention: bool = False
 ) -> list[dict[str, Any]]:
     """Calibrate, plan, fold and quantize ``places`` (in execution order) of one layer.
 
     ``layer_scope``: the strategy refines the plans itself (``fit_layer``);
     ``refine``: the settings' learned refinement does (:mod:`quantcompose.learning.refine`).
+    ``holds_attention``: these places include the attention's, so training runs
+    with the layer's Q/K/V quantization on (after the full-precision outputs
+    were taken), as the quantized layer will run.
     """
     collectors, fp_outputs = _collect_statistics(job, places, full_outputs=layer_scope or refine)
     all_stats: list[PlaceStats] = []
@@ -351,6 +355,10 @@ def _quantize_group(
             model=job.facts,
             progress=job.progress,
         )
+        if holds_attention and job.attention_quantizer is not None:
+            # Train against what inference does: fake_quantize passes the gradient straight through
+            # Q, K and V, so the clips and transforms learn the cost of quantizing them.
+            set_attention_quantizer(job.attention, job.attention_quantizer)
         with torch.enable_grad():  # the layer scope may train (the rest of the pipeline runs without grad)
             if layer_scope:
                 refined = job.strategy.fit_layer(context, job.options, job.settings_of(places[0].name))

@@ -129,6 +129,45 @@ def test_layer_scope_training_lowers_its_loss_and_the_result_is_used():
     assert LearnedDownScale.scopes() == ("layer",)
 
 
+class AttentionWatcher(LearnedDownScale):
+    """Records, while it fits, whether Q/K/V quantization is on and what the layer then computes."""
+
+    name = "test-attention-watcher"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.observed: list[tuple[bool, float, float]] = []
+
+    def fit_layer(self, layer, options, settings):
+        from quantcompose.attention_quant import attention_quantizer_of, set_attention_quantizer
+
+        attention = layer.layer.self_attn
+        quantizer = attention_quantizer_of(attention)
+        hidden, kwargs = layer.inputs[0]
+        with torch.no_grad():
+            on = layer.layer(hidden, **kwargs)
+            on = on[0] if isinstance(on, tuple) else on
+            set_attention_quantizer(attention, None)
+            off = layer.layer(hidden, **kwargs)
+            off = off[0] if isinstance(off, tuple) else off
+            set_attention_quantizer(attention, quantizer)
+        target = layer.fp_outputs[0]
+        self.observed.append((quantizer is not None, float((on - target).abs().max()), float((off - target).abs().max())))
+        return super().fit_layer(layer, options, settings)
+
+
+def test_layer_scope_trains_with_qkv_quantization_on_against_float_outputs():
+    strategy = AttentionWatcher()
+    quantize_model(tiny_llama(), torch.randint(0, 128, (2, 16)), strategy.name,
+                   QuantSettings(wbits=16, abits=16, qkv_bits=4, storage_dtype="float32"),
+                   manager=_manager(strategy), progress=False)
+    assert len(strategy.observed) == 2
+    for quantized, error_on, error_off in strategy.observed:
+        assert quantized  # the layer trains as it will run: Q/K/V quantized
+        assert error_on > 1e-3  # ... which is not what the full-precision targets were computed with
+        assert error_off < 1e-5
+
+
 def test_layer_scope_refuses_true_sequential():
     strategy = LearnedDownScale()
     with pytest.raises(CalibrationError, match="true-sequential"):

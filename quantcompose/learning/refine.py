@@ -28,9 +28,9 @@ inputs as the target. So each layer learns to reproduce itself on the inputs
 it will see at inference, not to undo its predecessors' error
 (docs/benchmarks.md has the measurement).
 
-Not simulated during training, as for ``omniquant``: Q/K/V quantization
-after RoPE (its rounding has no straight-through gradient), and the storage
-dtype's rounding of online transforms. Not learned: the strategy's
+Q/K/V quantization after RoPE (``qkv_bits``) is on during training, the
+gradient passing straight through its rounding, as at inference. Not
+simulated: the storage dtype's rounding of online transforms. Not learned: the strategy's
 transforms themselves (their smoothing scale included). Not refined: the LM
 head, which has no layer output to match.
 """
