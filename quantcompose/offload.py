@@ -9,7 +9,9 @@ code of the in-memory pipeline (:func:`quantcompose.pipeline.quantize_layer_step
 run to give the next layer's calibration inputs, written to the work folder
 (:mod:`quantcompose.work_folder`) and moved off the working device. The
 result is the ordinary saved-model format that
-:func:`~quantcompose.saving.load_quantized` reads.
+:func:`~quantcompose.saving.load_quantized` reads, written shard by shard:
+each finished layer is read back from the work folder, written and freed
+before the next, so the save never holds more than one layer either.
 
 Strategies with a model-scope plan (QuaRot's residual rotation, fused norms,
 ``residual_rotation``) rewrite every layer at once before calibration and
@@ -22,7 +24,8 @@ import ctypes
 import hashlib
 import json
 import os
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -73,6 +76,20 @@ def _return_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
         pass
+
+
+def _read_back(work: WorkFolder) -> Callable[[int, nn.Module], Any]:
+    """The save's ``layer_source``: finished layer ``index`` from the work folder, freed once written."""
+
+    @contextmanager
+    def materialized(index: int, layer: nn.Module) -> Iterator[None]:
+        work.load_layer(index, layer)
+        try:
+            yield
+        finally:
+            _release(layer)
+
+    return materialized
 
 
 def _refuse_model_plan(run_parts: tuple[Any, Any, dict[str, Any]], settings: Any) -> None:
@@ -142,8 +159,9 @@ def quantize_offloaded(
     :func:`quantcompose.quantize` gives on the whole model in memory with the
     same arguments. Only one decoder layer's weights and the calibration
     activations are on ``device`` at a time; finished layers wait in the work
-    folder and are read back (as :func:`~quantcompose.saving.load_quantized`
-    would build them) only to save the model.
+    folder and are read back one at a time (as
+    :func:`~quantcompose.saving.load_quantized` would build them) to be
+    written to their shards of the saved model.
 
     Finished layers are written to a work folder beside ``output``
     (``.NAME.qc-offload``): a run restarted with the same arguments after
@@ -197,11 +215,10 @@ def quantize_offloaded(
             _release(layer)
         pipeline.finish_run(run, inputs)
         del inputs
-        for index, layer in enumerate(layers):
-            work.load_layer(index, layer)
-    model.to("cpu")
+    # The layers wait on meta; the save copies every tensor to the CPU as it writes it.
     setattr(model, RECIPE_ATTRIBUTE, recipe)
-    save_quantized(model, target, tokenizer=tokenizer, overwrite=overwrite, recipe=recipe)
+    save_quantized(model, target, tokenizer=tokenizer, overwrite=overwrite, recipe=recipe,
+                   layer_source=_read_back(work))
     work.remove()
     return QuantizeReport(recipe, run.report)
 

@@ -3,13 +3,22 @@
 A saved model is a directory::
 
     quantcompose.json        the manifest: format version, model config, every file's sha256 and
-                             size, every tensor's shape and dtype, per-layer specs, the transforms
-    model.safetensors        every parameter and buffer (packed int4 weight codes included, and a
-                             quantized embedding table's codes, described by the manifest's
-                             ``quantized_embedding``)
-    transforms.safetensors   each distinct online transform once, in the dtype it runs in
+                             size, every tensor's shape and dtype and the file holding it, per-layer
+                             specs, the transforms
+    model-00001-of-0000N.safetensors ... one shard per decoder layer: its parameters and buffers
+                             (packed int4 weight codes included) and each distinct online transform
+                             it runs, once, in the dtype it runs in
+    model-0000N-of-0000N.safetensors  everything outside the layers (embedding, a quantized table's
+                             codes described by the manifest's ``quantized_embedding``, final norm,
+                             LM head) and the attention quantizers
     tokenizer files          when a tokenizer was given
     recipe.toml              the resolved recipe the model was quantized with, when known
+
+Each shard is written and hashed alone (:mod:`quantcompose.saved_files`), so a
+save never holds every file's bytes, and :func:`save_quantized` takes a
+``layer_source`` that materializes one layer at a time (offloaded
+quantization reads each back from its work folder). Format 2 (one
+``model.safetensors`` and one ``transforms.safetensors``) still loads.
 
 Loading trusts nothing it has not checked: the manifest's own sections carry
 checksums, every file is compared with its recorded size and sha256, and
@@ -25,9 +34,10 @@ import json
 import os
 import secrets
 import shutil
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -43,19 +53,35 @@ from quantcompose.errors import (
     SaveTargetExistsError,
     TransformError,
 )
-from quantcompose.models import set_submodule
+from quantcompose.models import get_adapter, set_submodule
 from quantcompose.qlinear import QuantLinear, is_packed, weight_layout
 from quantcompose.quant import QuantSpec
 from quantcompose.quant.spec import spec_to_dict
 from quantcompose.quant_embedding import QuantEmbedding
 from quantcompose.recipe import SAVED_RECIPE_NAME
+from quantcompose.saved_files import (
+    TRANSFORM_KEY,
+    V2_TRANSFORMS_NAME,
+    V2_WEIGHTS_NAME,
+    WEIGHT_FILES_SECTION,
+    file_of,
+    file_record,
+    is_shard_name,
+    shard_name,
+    tensor_files,
+    transform_file,
+    weight_files_of,
+)
 from quantcompose.storage import hold_in_storage, narrowest_exact
 from quantcompose.transforms import Transform, flatten_state, from_state_dict, unflatten_state
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: Formats this version loads: 2 (two tensor files) and 3 (one shard per decoder layer).
+READABLE_FORMATS = (2, 3)
 CONFIG_NAME = "quantcompose.json"
-WEIGHTS_NAME = "model.safetensors"
-TRANSFORMS_NAME = "transforms.safetensors"
+#: Format 2's tensor files (format 3 names its shards with :func:`quantcompose.saved_files.shard_name`).
+WEIGHTS_NAME = V2_WEIGHTS_NAME
+TRANSFORMS_NAME = V2_TRANSFORMS_NAME
 #: The resolved recipe beside the model (listed in the manifest and checked like every file).
 RECIPE_NAME = SAVED_RECIPE_NAME
 
@@ -85,8 +111,10 @@ def _digest(value: Any) -> str:
 
 def _section_digests(manifest: dict[str, Any]) -> dict[str, str]:
     digests = {key: _digest(manifest.get(key)) for key in _SECTIONS}
-    if EMBEDDING_SECTION in manifest:  # absent from models saved before tables could be quantized
-        digests[EMBEDDING_SECTION] = _digest(manifest[EMBEDDING_SECTION])
+    # Absent from models saved before tables could be quantized, and before shards (format 2).
+    for optional in (EMBEDDING_SECTION, WEIGHT_FILES_SECTION):
+        if optional in manifest:
+            digests[optional] = _digest(manifest[optional])
     for group in ("quantized_layers", "transforms"):
         for name, entry in manifest.get(group, {}).items():
             digests[f"{group}[{name!r}]"] = _digest(entry)
@@ -98,14 +126,35 @@ def _file_digest(data: bytes) -> str:
 
 
 # -------------------------------------------------------------------- saving
-def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The model's state dict with tied tensors once, and ``{alias: stored name}`` for the rest."""
+#: ``layer_source(index, layer)``: a context in which decoder layer ``index`` (the skeleton's module)
+#: holds its tensors, on any device; the layer may be freed again when it exits.
+LayerSource = Callable[[int, nn.Module], AbstractContextManager[Any]]
+
+
+def _layers_in_memory(index: int, layer: nn.Module) -> AbstractContextManager[Any]:
+    return nullcontext()
+
+
+def _modules(module: nn.Module, prefix: str, skip: str | None) -> Iterator[tuple[str, nn.Module]]:
+    """``module``'s submodules named under ``prefix``, without those under ``skip`` (the decoder layers)."""
+    for name, sub in module.named_modules(prefix=prefix.removesuffix(".")):
+        if skip is None or not f"{name}.".startswith(skip):
+            yield name, sub
+
+
+def _unique_state(
+    module: nn.Module, prefix: str = "", skip: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``module``'s state dict (names under ``prefix``, none under ``skip``) with tied tensors once,
+    and ``{alias: stored name}`` for the rest."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
     # A quantized layer's tensors keep the dtypes its manifest entry states.
-    quantized = {name for name, module in model.named_modules() if isinstance(module, (QuantLinear, QuantEmbedding))}
-    for name, tensor in model.state_dict().items():
+    quantized = {name for name, m in _modules(module, prefix, skip) if isinstance(m, (QuantLinear, QuantEmbedding))}
+    for name, tensor in module.state_dict(prefix=prefix).items():
+        if skip is not None and name.startswith(skip):
+            continue
         key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
         if tensor.numel() and key in seen:
             aliases[name] = seen[key]
@@ -117,32 +166,38 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return tensors, aliases
 
 
-def _distinct_transforms(model: nn.Module) -> tuple[dict[str, Transform], dict[str, str]]:
+def _distinct_transforms(
+    modules: Iterator[tuple[str, nn.Module]], first_key: int = 0
+) -> tuple[dict[str, Transform], dict[str, str]]:
     """``({id: transform}, {layer name: id})``: a transform object shared by layers is stored once.
 
     Siblings (q/k/v, gate/up) hold one object: the pipeline hands them one and
     :class:`QuantLinear` casts it through a shared cache; a loaded model shares them the same way.
+    Ids count from ``first_key`` (a save numbers the transforms of all its shards as one sequence).
     """
     distinct: dict[str, Transform] = {}
     by_object: dict[int, str] = {}
     used_by: dict[str, str] = {}
-    for name, module in model.named_modules():
+    for name, module in modules:
         if not isinstance(module, QuantLinear) or module.transform is None:
             continue
         key = by_object.get(id(module.transform))
         if key is None:
-            key = by_object[id(module.transform)] = str(len(distinct))
+            key = by_object[id(module.transform)] = str(first_key + len(distinct))
             distinct[key] = module.transform
         used_by[name] = key
     return distinct, used_by
 
 
-def describe_quantized(module: nn.Module) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+def describe_quantized(
+    module: nn.Module, prefix: str = "", skip: str | None = None, first_key: int = 0
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
     """``(quantized_layers, transforms, transform_tensors)``: the manifest's view of ``module``'s QuantLinears.
 
-    Names are relative to ``module``; :func:`rebuild_quantized` turns them back into empty layers.
+    Names are relative to ``module`` (under ``prefix``, leaving out those under ``skip``), transform
+    ids count from ``first_key``; :func:`rebuild_quantized` turns them back into empty layers.
     """
-    distinct, used_by = _distinct_transforms(module)
+    distinct, used_by = _distinct_transforms(_modules(module, prefix, skip), first_key)
     transform_configs: dict[str, Any] = {}
     transform_tensors: dict[str, torch.Tensor] = {}
     for key, transform in distinct.items():
@@ -150,7 +205,7 @@ def describe_quantized(module: nn.Module) -> tuple[dict[str, Any], dict[str, Any
         transform_configs[key] = config
         transform_tensors.update({k: v.detach().cpu().contiguous() for k, v in flat.items()})
     layers: dict[str, Any] = {}
-    for name, layer in module.named_modules():
+    for name, layer in _modules(module, prefix, skip):
         if isinstance(layer, QuantLinear):
             layers[name] = {
                 "in_features": layer.in_features,
@@ -181,38 +236,61 @@ def describe_embedding(model: nn.Module) -> dict[str, Any] | None:
     return None
 
 
-def _write_files(
-    model: nn.Module, directory: Path, tokenizer: Any, metadata: dict[str, Any] | None, recipe: Any = None
+def _layers_prefix(model: nn.Module) -> tuple[nn.ModuleList, str]:
+    """The decoder layers and the name prefix of their state (``model.layers.``)."""
+    layers = get_adapter(model).layers()
+    return layers, next(name for name, m in model.named_modules() if m is layers) + "."
+
+
+def _write_shard(
+    file: Path, module: nn.Module, prefix: str, skip: str | None, manifest: dict[str, Any],
+    extra_transform_tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write a complete saved model into the empty directory ``directory``, manifest last."""
-    tensors, aliases = _unique_state(model)
-    layers, transform_configs, transform_tensors = describe_quantized(model)
-    attention, attention_tensors = _attention_state(model)
-    transform_tensors.update(attention_tensors)
-    save_file(tensors, str(directory / WEIGHTS_NAME))
-    save_file(transform_tensors, str(directory / TRANSFORMS_NAME))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
-    if recipe is not None:
-        (directory / RECIPE_NAME).write_text(recipe.to_toml(), encoding="utf-8")
-    files = {}
-    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
-        data = file.read_bytes()
-        files[file.relative_to(directory).as_posix()] = {"sha256": _file_digest(data), "size": len(data)}
+    """Write ``module``'s tensors (see :func:`_unique_state`) and its transforms to ``file``, and record them."""
+    tensors, aliases = _unique_state(module, prefix, skip)
+    layers, configs, transform_tensors = describe_quantized(module, prefix, skip, len(manifest["transforms"]))
+    transform_tensors.update(extra_transform_tensors or {})
+    save_file({**tensors, **{TRANSFORM_KEY + k: v for k, v in transform_tensors.items()}}, str(file))
+    manifest["files"][file.name] = file_record(file)
+    manifest["tensors"].update({name: _describe(t) for name, t in tensors.items()})
+    manifest["aliases"].update(aliases)
+    manifest["transform_tensors"].update({name: _describe(t) for name, t in transform_tensors.items()})
+    manifest["transforms"].update(configs)
+    manifest["quantized_layers"].update(layers)
+    for section, names in (("tensors", tensors), ("transform_tensors", transform_tensors)):
+        manifest[WEIGHT_FILES_SECTION][section].update(dict.fromkeys(names, file.name))
+
+
+def _write_files(
+    model: nn.Module, directory: Path, tokenizer: Any, metadata: dict[str, Any] | None, recipe: Any = None,
+    layer_source: LayerSource = _layers_in_memory,
+) -> None:
+    """Write a complete saved model into the empty directory ``directory``: shard by shard, manifest last."""
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "model_class": type(model).__name__,
         "model_config": json.loads(json.dumps(model.config.to_dict(), default=str)),
         "metadata": json.loads(json.dumps(metadata or {}, default=str)),
-        "files": files,
-        "tensors": {name: _describe(t) for name, t in tensors.items()},
-        "aliases": aliases,
-        "transform_tensors": {name: _describe(t) for name, t in transform_tensors.items()},
-        "transforms": transform_configs,
-        "quantized_layers": layers,
-        "attention": attention,
-        EMBEDDING_SECTION: describe_embedding(model),
+        "files": {}, "tensors": {}, "aliases": {}, "transform_tensors": {}, "transforms": {}, "quantized_layers": {},
+        WEIGHT_FILES_SECTION: {"tensors": {}, "transform_tensors": {}},
     }
+    layers, prefix = _layers_prefix(model)
+    count = len(layers) + 1
+    for index, layer in enumerate(layers):
+        with layer_source(index, layer):
+            _write_shard(directory / shard_name(index, count), layer, f"{prefix}{index}.", None, manifest)
+    manifest["attention"], attention_tensors = _attention_state(model)
+    _write_shard(directory / shard_name(count - 1, count), model, "", prefix, manifest, attention_tensors)
+    manifest[EMBEDDING_SECTION] = describe_embedding(model)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    if recipe is not None:
+        (directory / RECIPE_NAME).write_text(recipe.to_toml(), encoding="utf-8")
+    for file in (p for p in directory.rglob("*") if p.is_file()):
+        name = file.relative_to(directory).as_posix()
+        if name not in manifest["files"]:
+            manifest["files"][name] = file_record(file)
+    manifest["files"] = dict(sorted(manifest["files"].items()))
     # Checked on load so that no layer is built from a problem found later.
     _check_layers(directory, manifest)
     manifest["checksums"] = _section_digests(manifest)
@@ -227,7 +305,8 @@ def is_saved_model(path: str | os.PathLike) -> bool:
 def looks_like_saved_model(path: str | os.PathLike) -> bool:
     """A saved model, or what is left of one (its tensor files, or a save interrupted while replacing it)."""
     target = Path(path)
-    return is_saved_model(target) or (target / TRANSFORMS_NAME).is_file() or was_interrupted(target)
+    shards = target.is_dir() and any(is_shard_name(p.name) for p in target.iterdir())
+    return is_saved_model(target) or shards or (target / TRANSFORMS_NAME).is_file() or was_interrupted(target)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -283,10 +362,18 @@ def check_save_target(
 
 
 def _estimated_bytes(model: nn.Module) -> int:
-    """Bytes the saved tensors will take at most (transforms counted once per layer, an upper bound)."""
-    tensors, _ = _unique_state(model)
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    distinct, _ = _distinct_transforms(model)
+    """Bytes the saved tensors will take at most, read off shapes and dtypes (nothing is copied).
+
+    Float tensors are counted at their own width (the save may narrow them) and tied ones once;
+    a layer waiting on the ``meta`` device (offloaded) counts its tensors but not its transforms.
+    """
+    total, seen = 0, set()
+    for tensor in model.state_dict().values():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if tensor.is_meta or key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    distinct, _ = _distinct_transforms(model.named_modules())
     for transform in distinct.values():
         _, flat = flatten_state(transform.state_dict())
         total += sum(t.numel() * t.element_size() for t in flat.values())
@@ -300,8 +387,14 @@ def save_quantized(
     metadata: dict[str, Any] | None = None,
     overwrite: bool = False,
     recipe: Any = None,
+    layer_source: LayerSource = _layers_in_memory,
 ) -> int:
     """Write ``model`` (with its :class:`QuantLinear` layers) to the directory ``path``.
+
+    The decoder layers are written one shard each, in order, each inside
+    ``layer_source(index, layer)``: by default they are in memory; offloaded
+    quantization passes one that reads the finished layer back and frees it
+    after, so that only one layer is ever materialized.
 
     ``recipe`` (a resolved :class:`~quantcompose.recipe.Recipe`; default: the
     one :func:`quantcompose.quantize` quantized ``model`` with) is written as
@@ -328,7 +421,7 @@ def save_quantized(
         raise SaveError(f"saving to {target} needs about {needed / 2**20:.0f} MiB but {target.parent} has "
                         f"{free / 2**20:.0f} MiB free; free some space or save elsewhere")
     try:
-        write_directory(target, lambda staging: _write_files(model, staging, tokenizer, metadata, recipe),
+        write_directory(target, lambda staging: _write_files(model, staging, tokenizer, metadata, recipe, layer_source),
                         marker=CONFIG_NAME, replace=overwrite)
     except OSError as exc:
         if isinstance(exc, SaveError):
@@ -381,10 +474,10 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise _fail(source, CONFIG_NAME, "not a JSON object")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMATS:
         raise ModelLoadError(
-            f"{config_file}: field format_version is {version!r}; this quantcompose reads format {FORMAT_VERSION}: "
-            "quantize and save the model again with this version"
+            f"{config_file}: field format_version is {version!r}; this quantcompose reads formats "
+            f"{' and '.join(map(str, READABLE_FORMATS))}: quantize and save the model again with this version"
         )
     recorded = manifest.get("checksums")
     if not isinstance(recorded, dict):
@@ -393,27 +486,67 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     for section in sorted(set(actual) | set(recorded)):
         if recorded.get(section) != actual.get(section):
             raise _fail(source, CONFIG_NAME, f"field {section} does not match its checksum")
+    if (version >= 3) != (WEIGHT_FILES_SECTION in manifest):
+        raise _fail(source, CONFIG_NAME, f"format {version} {'needs' if version >= 3 else 'has no'} field "
+                    f"{WEIGHT_FILES_SECTION}")
     return manifest
 
 
-def _read_files(source: Path, manifest: dict[str, Any]) -> dict[str, bytes]:
-    """Every listed file's bytes, each checked against its recorded size and sha256."""
-    contents: dict[str, bytes] = {}
-    for name in (WEIGHTS_NAME, TRANSFORMS_NAME):
-        if name not in manifest["files"]:
+def _checked_bytes(source: Path, name: str, expected: dict[str, Any]) -> bytes:
+    """The bytes of listed file ``name``, checked against its recorded size and sha256."""
+    file = source / name
+    if not file.is_file():
+        raise _fail(source, name, "the file is missing")
+    size = file.stat().st_size
+    if size != expected.get("size"):
+        raise _fail(source, name, f"field size: {size} bytes on disk, {expected.get('size')} recorded")
+    data = file.read_bytes()
+    if _file_digest(data) != expected.get("sha256"):
+        raise _fail(source, name, "field sha256 does not match the file's contents")
+    return data
+
+
+def _split_shard(manifest: dict[str, Any], name: str, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """``(model tensors, transform tensors)`` of one tensor file."""
+    if WEIGHT_FILES_SECTION not in manifest:  # format 2: one file of each kind
+        return (tensors, {}) if name == V2_WEIGHTS_NAME else ({}, tensors)
+    weights = {k: v for k, v in tensors.items() if not k.startswith(TRANSFORM_KEY)}
+    return weights, {k[len(TRANSFORM_KEY):]: v for k, v in tensors.items() if k.startswith(TRANSFORM_KEY)}
+
+
+def _read_tensors(source: Path, manifest: dict[str, Any]) -> tuple[dict, dict, bytes | None]:
+    """``(model tensors, transform tensors, recipe bytes)``: every listed file checked, one file's bytes at a time.
+
+    Each tensor file must hold exactly the tensors the manifest places in it, of the recorded shapes and dtypes.
+    """
+    files, weight_files = manifest["files"], weight_files_of(manifest)
+    holders = tensor_files(manifest)
+    for section in ("tensors", "transform_tensors"):
+        if set(weight_files[section]) != set(manifest[section]):
+            raise _fail(source, CONFIG_NAME, f"field {WEIGHT_FILES_SECTION}.{section} does not place exactly "
+                        f"the tensors field {section} lists")
+    for name in holders:
+        if name not in files:
             raise _fail(source, CONFIG_NAME, f"field files does not list {name}")
-    for name, expected in manifest["files"].items():
-        file = source / name
-        if not file.is_file():
-            raise _fail(source, name, "the file is missing")
-        size = file.stat().st_size
-        if size != expected.get("size"):
-            raise _fail(source, name, f"field size: {size} bytes on disk, {expected.get('size')} recorded")
-        data = file.read_bytes()
-        if _file_digest(data) != expected.get("sha256"):
-            raise _fail(source, name, "field sha256 does not match the file's contents")
-        contents[name] = data
-    return contents
+    weights: dict[str, torch.Tensor] = {}
+    transform_tensors: dict[str, torch.Tensor] = {}
+    recipe_bytes = None
+    for name, expected in files.items():
+        data = _checked_bytes(source, name, expected)
+        if name == RECIPE_NAME:
+            recipe_bytes = data
+        if name not in holders:
+            continue
+        try:
+            parts = _split_shard(manifest, name, load_safetensors(data))
+        except Exception as exc:  # safetensors raises its own error types for a malformed file
+            raise _fail(source, name, f"not a safetensors file ({exc})") from None
+        del data
+        for section, found, into in zip(("tensors", "transform_tensors"), parts, (weights, transform_tensors)):
+            placed = {k: manifest[section][k] for k, file in weight_files[section].items() if file == name}
+            _check_tensors(source, name, found, placed)
+            into.update(found)
+    return weights, transform_tensors, recipe_bytes
 
 
 def _check_tensors(source: Path, file: str, tensors: dict[str, torch.Tensor], expected: dict[str, Any]) -> None:
@@ -437,7 +570,6 @@ def _layer_spec(source: Path, layer: dict[str, Any], field: str, where: str) -> 
 
 def _check_layers(source: Path, manifest: dict[str, Any]) -> None:
     """Each quantized layer's tensors in the manifest against what its specs imply."""
-    tensors = manifest["tensors"]
     for name, layer in manifest["quantized_layers"].items():
         where = f"quantized_layers[{name!r}]"
         spec = _layer_spec(source, layer, "weight_spec", where)
@@ -453,16 +585,18 @@ def _check_layers(source: Path, manifest: dict[str, Any]) -> None:
         layout = weight_layout(out_features, in_features, spec, float_dtype)
         if layer["bias"]:
             layout["bias"] = ((out_features,), float_dtype)
-        _check_layout(source, tensors, name, layout, f"{where} (weight_spec {spec})")
+        _check_layout(source, manifest, name, layout, f"{where} (weight_spec {spec})")
     _check_embedding_entry(source, manifest)
 
 
-def _check_layout(source: Path, tensors: dict[str, Any], name: str, layout: dict[str, Any], where: str) -> None:
+def _check_layout(source: Path, manifest: dict[str, Any], name: str, layout: dict[str, Any], where: str) -> None:
+    tensors = manifest["tensors"]
     for key, (shape, dtype) in layout.items():
         expected = {"shape": list(shape), "dtype": _dtype_name(dtype)}
         found = tensors.get(f"{name}.{key}")
         if found != expected:
-            raise _fail(source, WEIGHTS_NAME, f"tensor {name}.{key} is {found}, but {where} implies {expected}")
+            raise _fail(source, file_of(manifest, "tensors", f"{name}.{key}"),
+                        f"tensor {name}.{key} is {found}, but {where} implies {expected}")
 
 
 def _embedding_entry(source: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], QuantSpec] | None:
@@ -496,7 +630,7 @@ def _check_embedding_entry(source: Path, manifest: dict[str, Any]) -> None:
     if spec.granularity == "group" and cols % spec.group_size:
         raise _fail(source, CONFIG_NAME, f"field {EMBEDDING_SECTION}.spec group_size {spec.group_size} does not "
                     f"divide the width {cols}")
-    _check_layout(source, manifest["tensors"], entry["name"], weight_layout(rows, cols, spec),
+    _check_layout(source, manifest, entry["name"], weight_layout(rows, cols, spec),
                   f"{EMBEDDING_SECTION} (spec {spec})")
 
 
@@ -505,18 +639,21 @@ def _check_codes(source: Path, manifest: dict[str, Any], tensors: dict[str, torc
     for name, layer in manifest["quantized_layers"].items():
         spec = _layer_spec(source, layer, "weight_spec", name)
         if spec is not None:
-            _check_code_values(source, tensors, name, spec, layer["packed"], f"quantized_layers[{name!r}].weight_spec")
+            _check_code_values(source, manifest, tensors, name, spec, layer["packed"],
+                               f"quantized_layers[{name!r}].weight_spec")
     embedding = _embedding_entry(source, manifest)
     if embedding is not None:
         entry, spec = embedding
-        _check_code_values(source, tensors, entry["name"], spec, entry["packed"], f"{EMBEDDING_SECTION}.spec")
+        _check_code_values(source, manifest, tensors, entry["name"], spec, entry["packed"], f"{EMBEDDING_SECTION}.spec")
 
 
 def _check_code_values(
-    source: Path, tensors: dict[str, torch.Tensor], name: str, spec: QuantSpec, packed: bool, where: str
+    source: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor], name: str, spec: QuantSpec,
+    packed: bool, where: str,
 ) -> None:
+    file = file_of(manifest, "tensors", f"{name}.weight_codes")
     if spec.symmetric and bool(tensors[f"{name}.weight_zero"].any()):
-        raise _fail(source, WEIGHTS_NAME, f"{name}.weight_zero has nonzero zero points but {where}.symmetric "
+        raise _fail(source, file, f"{name}.weight_zero has nonzero zero points but {where}.symmetric "
                     "is true")
     codes = tensors[f"{name}.weight_codes"]
     if packed:
@@ -530,7 +667,7 @@ def _check_code_values(
     else:
         lo, hi = int(codes.min()), int(codes.max())
     if lo < spec.qmin or hi > spec.qmax:
-        raise _fail(source, WEIGHTS_NAME, f"{name}.weight_codes span [{lo}, {hi}] but {where}.bits="
+        raise _fail(source, file, f"{name}.weight_codes span [{lo}, {hi}] but {where}.bits="
                     f"{spec.bits} allows [{spec.qmin}, {spec.qmax}]")
 
 
@@ -540,7 +677,7 @@ def build_transforms(source: Path, manifest: dict[str, Any], tensors: dict[str, 
         try:
             built[key] = from_state_dict(unflatten_state(config, tensors))
         except (TransformError, KeyError, TypeError, ValueError) as exc:
-            raise _fail(source, TRANSFORMS_NAME, f"transform {key} cannot be rebuilt ({exc})") from None
+            raise _fail(source, transform_file(manifest, key), f"transform {key} cannot be rebuilt ({exc})") from None
     for name, layer in manifest["quantized_layers"].items():
         key = layer.get("transform")
         if key is None:
@@ -549,7 +686,7 @@ def build_transforms(source: Path, manifest: dict[str, Any], tensors: dict[str, 
             raise _fail(source, CONFIG_NAME, f"quantized_layers[{name!r}].transform names transform {key!r}, "
                         "which is not stored")
         if built[key].size != layer["in_features"]:
-            raise _fail(source, TRANSFORMS_NAME, f"transform {key} has width {built[key].size} but "
+            raise _fail(source, transform_file(manifest, key), f"transform {key} has width {built[key].size} but "
                         f"{name} has {layer['in_features']} inputs")
     return built
 
@@ -681,14 +818,8 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     """
     source = Path(path)
     manifest = read_manifest(source)
-    contents = _read_files(source, manifest)
-    weights = load_safetensors(contents[WEIGHTS_NAME])
-    transform_tensors = load_safetensors(contents[TRANSFORMS_NAME])
-    recipe_bytes = contents.get(RECIPE_NAME)
-    del contents
     try:
-        _check_tensors(source, WEIGHTS_NAME, weights, manifest["tensors"])
-        _check_tensors(source, TRANSFORMS_NAME, transform_tensors, manifest["transform_tensors"])
+        weights, transform_tensors, recipe_bytes = _read_tensors(source, manifest)
         _check_layers(source, manifest)
         _check_codes(source, manifest, weights)
         transforms = build_transforms(source, manifest, transform_tensors)
@@ -706,7 +837,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
-        raise _fail(source, WEIGHTS_NAME, f"its tensors do not fit the model ({exc})") from None
+        raise _fail(source, tensor_files(manifest)[0], f"its tensors do not fit the model ({exc})") from None
     _restore_attention(source, model, manifest.get("attention"), transform_tensors)
     hold_in_storage(model)
     model.eval().to(device)

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from quantcompose import pipeline, quantize
-from quantcompose.checkpoint import write_checkpoint
+from quantcompose.checkpoint import Checkpoint, write_checkpoint
 from quantcompose.errors import ModelLoadError, OffloadError
 from quantcompose.offload import quantize_offloaded
 from quantcompose.qlinear import QuantLinear
-from quantcompose.saving import WEIGHTS_NAME, load_quantized
+from quantcompose.saving import load_quantized, read_manifest, save_quantized
 from quantcompose.work_folder import work_folder_for
 from realmodel import requires_model
 from toymodel import tiny_llama
@@ -50,8 +50,10 @@ def _in_memory(recipe: dict) -> nn.Module:
     return model
 
 
-def _digest(folder: Path) -> str:
-    return hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()
+def _shards(folder: Path) -> dict[str, str]:
+    """``{shard: sha256}`` of a saved model's tensor files, each hashed here from its bytes."""
+    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
+            for name in read_manifest(folder)["files"] if name.endswith(".safetensors")}
 
 
 @pytest.mark.parametrize("recipe", [
@@ -67,6 +69,37 @@ def test_offloaded_equals_in_memory_bit_for_bit(checkpoint, tmp_path, recipe):
     loaded, _ = load_quantized(tmp_path / "out")
     assert torch.equal(_logits(loaded), _logits(_in_memory(recipe)))
     assert not work_folder_for(tmp_path / "out").exists()  # removed once the model is saved
+
+
+def test_offloaded_and_in_memory_saves_write_the_same_shards(checkpoint, tmp_path):
+    quantize_offloaded(checkpoint, tmp_path / "offloaded", recipe=W4A4, calibration=_tokens(), progress=False)
+    save_quantized(_in_memory(W4A4), tmp_path / "in-memory")
+    shards = _shards(tmp_path / "offloaded")
+    assert len(shards) == LAYERS + 1 and shards == _shards(tmp_path / "in-memory")
+
+
+def test_the_save_materializes_one_layer_at_a_time(checkpoint, tmp_path, monkeypatch):
+    import quantcompose.saving as saving
+
+    skeletons, written = [], []
+    skeleton, write = Checkpoint.skeleton, saving.save_file
+
+    def kept(self, dtype):
+        skeletons.append(skeleton(self, dtype))
+        return skeletons[-1]
+
+    def recorded(tensors, file, *args, **kwargs):
+        """Which decoder layers hold real tensors while each shard is written."""
+        held = [i for i, layer in enumerate(skeletons[-1].model.layers)
+                if not all(t.is_meta for t in [*layer.parameters(), *layer.buffers()])]
+        written.append((Path(file).name, held))
+        return write(tensors, file, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpoint, "skeleton", kept)
+    monkeypatch.setattr(saving, "save_file", recorded)
+    quantize_offloaded(checkpoint, tmp_path / "out", recipe=W4A4, calibration=_tokens(), progress=False)
+    assert written == [(f"model-{i + 1:05d}-of-{LAYERS + 1:05d}.safetensors", [i] if i < LAYERS else [])
+                       for i in range(LAYERS + 1)]
 
 
 def test_only_the_layer_being_quantized_is_materialized(checkpoint, tmp_path, monkeypatch):
@@ -113,7 +146,7 @@ def test_interrupted_run_resumes_after_the_last_finished_layer(checkpoint, tmp_p
     monkeypatch.setattr(pipeline, "quantize_layer_step", counting)
     report = quantize_offloaded(checkpoint, out, recipe=W4A4, calibration=_tokens(), progress=False)
     assert quantized == [2, 3]  # layers 0 and 1 were read back, not quantized again
-    assert _digest(out) == _digest(tmp_path / "whole")
+    assert _shards(out) == _shards(tmp_path / "whole")
     assert {line["layer"] for line in report.quantization.places} == set(range(LAYERS))
     resumed, _ = load_quantized(out)
     whole, _ = load_quantized(tmp_path / "whole")
@@ -203,8 +236,6 @@ def test_smollm2_offloaded_equals_in_memory(tmp_path):
 
 def test_write_checkpoint_drops_the_gguf_quantization_and_writes_tied_tensors_once(tmp_path):
     import json
-
-    from quantcompose.checkpoint import Checkpoint
 
     model = tiny_llama(layers=1, hidden=64)
     model.config.quantization_config = {"quant_method": "gguf"}  # what a GGUF load leaves behind

@@ -13,6 +13,7 @@ import quantcompose.saving as saving
 from quantcompose.errors import ModelLoadError
 from quantcompose.pipeline import quantize_model
 from quantcompose.qlinear import QuantLinear
+from quantcompose.saved_files import file_record
 from quantcompose.saving import load_quantized, save_quantized, saved_size_breakdown
 from quantcompose.strategy import QuantSettings
 
@@ -55,15 +56,24 @@ def _edit_manifest(path, edit, rechecksum=False):
     file.write_text(json.dumps(manifest))
 
 
+def _manifest(path):
+    return json.loads((path / saving.CONFIG_NAME).read_text())
+
+
+def _holder(path, name, section="tensors"):
+    """The file of the saved model at ``path`` that holds tensor ``name`` of ``section``."""
+    return path / _manifest(path)["weight_files"][section][name]
+
+
 def _refresh_file_record(path, name):
     """Record a rewritten file's size and hash (and tensor shapes) as if it had been saved so."""
     data = (path / name).read_bytes()
-    tensors = load_file(str(path / name))
-    section = "tensors" if name == saving.WEIGHTS_NAME else "transform_tensors"
+    weights, transforms = saving._split_shard(_manifest(path), name, load_file(str(path / name)))
 
     def edit(manifest):
         manifest["files"][name] = {"sha256": saving._file_digest(data), "size": len(data)}
-        manifest[section] = {k: saving._describe(t) for k, t in tensors.items()}
+        for section, tensors in (("tensors", weights), ("transform_tensors", transforms)):
+            manifest[section].update({k: saving._describe(t) for k, t in tensors.items()})
 
     _edit_manifest(path, edit, rechecksum=True)
 
@@ -200,36 +210,36 @@ def _tensor_offset(path, name):
 
 
 def test_a_flipped_bit_in_the_codes_is_refused(saved):
-    file = saved / saving.WEIGHTS_NAME
+    file = _holder(saved, f"{Q_PROJ}.weight_codes")
     offset = _tensor_offset(file, f"{Q_PROJ}.weight_codes") + 5
     data = bytearray(file.read_bytes())
     data[offset] ^= 0x10
     file.write_bytes(bytes(data))
-    with pytest.raises(ModelLoadError, match=rf"{saving.WEIGHTS_NAME}: field sha256 does not match"):
+    with pytest.raises(ModelLoadError, match=rf"{file.name}: field sha256 does not match"):
         load_quantized(saved)
 
 
 def test_a_scale_of_another_dtype_is_refused_even_when_the_hashes_agree(saved):
-    file = saved / saving.WEIGHTS_NAME
+    file = _holder(saved, f"{Q_PROJ}.weight_scale")
     tensors = load_file(str(file))
     tensors[f"{Q_PROJ}.weight_scale"] = tensors[f"{Q_PROJ}.weight_scale"].double()
     save_file(tensors, str(file))
     with pytest.raises(ModelLoadError, match="sha256|size"):
         load_quantized(saved)
-    _refresh_file_record(saved, saving.WEIGHTS_NAME)
-    with pytest.raises(ModelLoadError, match=rf"tensor {Q_PROJ}.weight_scale is .*float64.* implies .*float32"):
+    _refresh_file_record(saved, file.name)
+    with pytest.raises(ModelLoadError, match=rf"{file.name}: tensor {Q_PROJ}.weight_scale is .*float64.* implies .*float32"):
         load_quantized(saved)
 
 
 def test_a_truncated_file_is_refused(saved):
-    file = saved / saving.TRANSFORMS_NAME
+    file = _holder(saved, next(iter(_manifest(saved)["transform_tensors"])), "transform_tensors")
     file.write_bytes(file.read_bytes()[:-7])
-    with pytest.raises(ModelLoadError, match=rf"{saving.TRANSFORMS_NAME}: field size"):
+    with pytest.raises(ModelLoadError, match=rf"{file.name}: field size"):
         load_quantized(saved)
 
 
-@pytest.mark.parametrize("name", [saving.WEIGHTS_NAME, saving.TRANSFORMS_NAME])
-def test_a_deleted_file_is_refused(saved, name):
+@pytest.mark.parametrize("name", ["model-00001-of-00003.safetensors", "model-00003-of-00003.safetensors"])
+def test_a_deleted_shard_is_refused(saved, name):
     (saved / name).unlink()
     with pytest.raises(ModelLoadError, match=rf"{name}: the file is missing"):
         load_quantized(saved)
@@ -244,4 +254,78 @@ def test_a_missing_manifest_is_named_as_such(saved):
 def test_a_manifest_that_is_not_json_is_refused(saved):
     (saved / saving.CONFIG_NAME).write_bytes(b"\x00\xffnot json")
     with pytest.raises(ModelLoadError, match="not valid JSON"):
+        load_quantized(saved)
+
+
+# ------------------------------------------------------------ shards (format 3) and format 2
+def test_one_shard_per_decoder_layer_and_one_for_the_rest(w4a4, saved):
+    manifest = _manifest(saved)
+    shards = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert sorted(manifest["files"]) == shards and sorted(p.name for p in saved.iterdir()) == [*shards, saving.CONFIG_NAME]
+    places = manifest["weight_files"]
+    for name in manifest["tensors"]:
+        layer = name.split(".")[2] if name.startswith("model.layers.") else None
+        assert places["tensors"][name] == shards[int(layer) if layer else 2], name
+    # A layer's transforms lie in its own shard, beside the linears that run them.
+    for name, layer in manifest["quantized_layers"].items():
+        if layer["transform"] is not None:
+            holders = {f for t, f in places["transform_tensors"].items() if t.startswith(f"{layer['transform']}.")}
+            assert holders == {places["tensors"][f"{name}.weight_codes"]}
+    for shard in shards:
+        assert manifest["files"][shard]["size"] == (saved / shard).stat().st_size
+
+
+def test_a_shard_holding_another_layers_tensors_is_refused_even_when_the_hashes_agree(saved):
+    first, second = "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors"
+    (saved / first).write_bytes((saved / second).read_bytes())
+    with pytest.raises(ModelLoadError, match=rf"{first}: field size|{first}: field sha256"):
+        load_quantized(saved)
+    data = (saved / first).read_bytes()
+    _edit_manifest(saved, lambda m: m["files"].__setitem__(first, {"sha256": saving._file_digest(data),
+                                                                    "size": len(data)}), rechecksum=True)
+    with pytest.raises(ModelLoadError, match=rf"{first}: tensors \['model.layers.0.*are missing and "
+                                             r"\['model.layers.1.*unexpected"):
+        load_quantized(saved)
+
+
+def test_a_tensor_the_shard_map_leaves_out_is_refused(saved):
+    _edit_manifest(saved, lambda m: m["weight_files"]["tensors"].pop(f"{Q_PROJ}.weight_codes"), rechecksum=True)
+    with pytest.raises(ModelLoadError, match="field weight_files.tensors does not place exactly the tensors"):
+        load_quantized(saved)
+
+
+def test_format_3_without_a_shard_map_is_refused(saved):
+    _edit_manifest(saved, lambda m: m.pop("weight_files"), rechecksum=True)
+    with pytest.raises(ModelLoadError, match="format 3 needs field weight_files"):
+        load_quantized(saved)
+
+
+def _as_format_2(path):
+    """Rewrite the saved model at ``path`` as format 2 wrote it: one weights file, one transforms file."""
+    manifest = _manifest(path)
+    weights, transforms = {}, {}
+    for shard in list(manifest["files"]):
+        found = saving._split_shard(manifest, shard, load_file(str(path / shard)))
+        weights.update(found[0])
+        transforms.update(found[1])
+        (path / shard).unlink()
+    save_file(weights, str(path / saving.WEIGHTS_NAME))
+    save_file(transforms, str(path / saving.TRANSFORMS_NAME))
+
+    def edit(m):
+        m["format_version"] = 2
+        del m["weight_files"]
+        m["files"] = {name: file_record(path / name)
+                      for name in (saving.WEIGHTS_NAME, saving.TRANSFORMS_NAME)}
+
+    _edit_manifest(path, edit, rechecksum=True)
+
+
+def test_a_format_2_model_still_loads_to_identical_logits(w4a4, saved):
+    _as_format_2(saved)
+    assert _manifest(saved)["format_version"] == 2
+    tokens = torch.randint(0, 128, (2, 20))
+    assert torch.equal(_logits(load_quantized(saved)[0], tokens), _logits(w4a4, tokens))
+    (saved / saving.TRANSFORMS_NAME).write_bytes(b"damaged")
+    with pytest.raises(ModelLoadError, match=rf"{saving.TRANSFORMS_NAME}: field size"):
         load_quantized(saved)
