@@ -231,3 +231,13 @@ def test_on_smollm2_layer_3_training_lowers_the_loss_and_beats_the_closed_form_p
     # The closed-form plan: SmoothQuant's scale, no clipping (measured 0.307 against 0.078 trained, 3 epochs).
     closed, learned = (held_out_error(full, p, 0, 1, W4A4) for p in (full.plans, plans))
     assert learned < 0.5 * closed, (learned, closed)
+
+
+def test_the_user_guide_lists_every_option_with_its_default():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "user-guide.md").read_text(encoding="utf-8")
+    section = text.split("### FlatQuant", 1)[1].split("\n### ", 1)[0]
+    rows = {line.split("|")[1].strip(" `"): line.split("|")[2].strip() for line in section.splitlines()
+            if line.startswith("| `")}
+    assert rows == {k: str(o.default) for k, o in flatquant.FlatQuant.options.items()}
