@@ -47,12 +47,11 @@ round-to-nearest's 2333 (full precision 30.5), quantized in 955 s against
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 from quantcompose.hookspecs import hookimpl
-from quantcompose.learning import INIT_LOGIT, FakeQuantLayer, TrainOptions, place_quantizers, train_layer
-from quantcompose.options import Option, in_range, integer_at_least
+from quantcompose.learning import INIT_LOGIT, fit_and_freeze, place_quantizers, train_options, trainer_options
+from quantcompose.options import Option, in_range
 from quantcompose.strategy import LayerContext, PlaceStats, Plan, QuantSettings, Strategy
 from quantcompose.transforms import Scale
 
@@ -65,16 +64,11 @@ class OmniQuant(Strategy):
     name = "omniquant"
     description = "OmniQuant: learnable weight clipping trained layer by layer (arXiv 2308.13137)"
     options = {
-        "epochs": Option(2, "training epochs per layer over the calibration set (paper: 20)",
-                         check=integer_at_least(1)),
+        **trainer_options(epochs=2, samples=4, paper_epochs=20, paper_samples="128 of 2048 tokens"),
         "lr": Option(0.1, "AdamW learning rate of the weight clip logits (paper: 5e-3 over 20 epochs of 128 samples)",
                      check=in_range(0.0, None, low_open=True)),
         "act_lr": Option(0.1, "AdamW learning rate of the activation clip logits",
                          check=in_range(0.0, None, low_open=True)),
-        "batch_size": Option(1, "calibration sequences per training step (paper: 1)", check=integer_at_least(1)),
-        "samples": Option(4, "calibration sequences trained on, the first ones; 0: all (paper: 128 of 2048 tokens)",
-                          check=integer_at_least(0)),
-        "weight_decay": Option(0.0, "AdamW weight decay (paper: 0)", check=in_range(0.0, None)),
         "let": Option(True, "learn a channel-wise scale at each place that can fold one (LET)"),
         "let_lr": Option(1e-2, "AdamW learning rate of LET's log-scale (paper: 1e-2)",
                          check=in_range(0.0, None, low_open=True)),
@@ -101,41 +95,11 @@ class OmniQuant(Strategy):
             )
             for p in layer.places
         }
-        fake = FakeQuantLayer(layer.layer, quantizers)
-        groups = [
-            {"params": list(modules.parameters()), "lr": float(options[key])}
-            for modules, key in ((fake.weight_clips, "lr"), (fake.act_clips, "act_lr"), (fake.scales, "let_lr"))
-            if len(modules)
-        ]
-        train = TrainOptions(
-            epochs=int(options["epochs"]),
-            batch_size=int(options["batch_size"]),
-            max_samples=int(options["samples"]) or None,
-            weight_decay=float(options["weight_decay"]),
-            seed=settings.seed,
-            progress=layer.progress,
-            description=self.name,
+        rates = {"weight_clips": options["lr"], "act_clips": options["act_lr"], "scales": options["let_lr"]}
+        return fit_and_freeze(
+            layer, quantizers, rates, train_options(options, settings, layer, self.name),
+            lambda name, q, plan: plan.transform if q.scale is None else q.scale.frozen(),
         )
-        try:
-            report = train_layer(layer, groups, fake, train)
-        finally:
-            fake.close()
-        notes = {"clip": "learned", "loss_epoch1": round(report.epoch_losses[0], 6),
-                 "loss_final": round(report.epoch_losses[-1], 6)}
-        refined: dict[str, Plan] = {}
-        for name, q in quantizers.items():
-            plan = layer.plans[name]
-            refined[name] = replace(
-                plan,
-                transform=plan.transform if q.scale is None else q.scale.frozen(),
-                act_spec=None if q.act is None else replace(plan.act_spec, clip_ratio=q.act.frozen_ratio()),
-                weight_spec=None if q.weight is None else replace(plan.weight_spec, clip_ratio=1.0),
-                weight_clip_rows=None if q.weight is None else q.weight.frozen_bounds(),
-                search_act_clip=False,
-                search_weight_clip=False,
-                notes={**plan.notes, **notes},
-            )
-        return refined
 
 
 @hookimpl

@@ -67,6 +67,15 @@ def integer_at_least(low: int) -> Check:
     return check
 
 
+def one_of(*choices: str) -> Check:
+    """One of the strings ``choices``."""
+
+    def check(value: Any) -> str | None:
+        return None if value in choices else "one of " + ", ".join(choices)
+
+    return check
+
+
 def optional(check: Check) -> Check:
     """``None`` or a value that passes ``check``."""
 
@@ -152,6 +161,7 @@ __all__ = [
     "Option",
     "in_range",
     "integer_at_least",
+    "one_of",
     "optional",
     "parse_bool",
     "parse_optional_bool",

@@ -8,7 +8,6 @@ from dataclasses import replace
 import pytest
 import torch
 
-from quantcompose.hookspecs import hookimpl
 from quantcompose.errors import CalibrationError, OptionError, ShapeError
 from quantcompose.learning import (
     FakeQuantLayer,
@@ -25,11 +24,11 @@ from quantcompose.pipeline import LayerJob, quantize_layer, quantize_model
 from quantcompose.plugin_manager import StrategyManager
 from quantcompose.quant import QuantSpec, fake_quantize
 from quantcompose.quant.weight_quantizers import get_weight_quantizer
-from quantcompose.strategy import LayerContext, QuantSettings, Strategy
+from quantcompose.strategy import LayerContext, QuantSettings
 from quantcompose.transforms import Identity, Scale
 from quantcompose_plugins import omniquant
 
-from layer_inputs import float_layer_inputs, layer_output
+from layer_inputs import FixedPlans, float_layer_inputs, held_out_error, layer_output, manager_of
 from toymodel import tiny_llama
 
 try:
@@ -224,7 +223,7 @@ def test_omniquant_plans_freeze_the_learned_clips_and_the_pipeline_quantizes_wha
             q.weight.gamma.copy_(torch.logit(bounds[..., 1:].double()).float())
             q.act.logit.copy_(torch.logit(torch.tensor(plans[name].act_spec.clip_ratio, dtype=torch.float64)))
     layer = copy.deepcopy(ctx.layer)
-    job = LayerJob(layer=layer, index=0, places=ctx.places, inputs=ctx.inputs, strategy=_Fixed(plans),
+    job = LayerJob(layer=layer, index=0, places=ctx.places, inputs=ctx.inputs, strategy=FixedPlans(plans),
                    options={}, settings=W3A4, weight_quantizer=get_weight_quantizer("rtn"),
                    generator=torch.Generator().manual_seed(0))
     quantize_layer(job)
@@ -236,25 +235,12 @@ def test_omniquant_plans_freeze_the_learned_clips_and_the_pipeline_quantizes_wha
     assert float((got - expected).pow(2).mean()) < 1e-3 * float(expected.pow(2).mean())
 
 
-class _Fixed(Strategy):
-    """A place-scope strategy handing out given plans (to quantize frozen OmniQuant plans alone)."""
-
-    name = "test-fixed-plans"
-    description = "given plans"
-
-    def __init__(self, plans):
-        self.plans = plans
-
-    def plan(self, stats, options, settings):
-        return self.plans[stats.place]
-
-
 def test_a_plan_with_fixed_clips_and_the_clip_search_is_refused():
     model = tiny_llama()
     ctx = _context(model, torch.randint(0, 128, (2, 8)), 0, W3A4)
     plans = {k: replace(p, weight_clip_rows=torch.ones(p.transform.size, 1, 2), search_weight_clip=True)
              for k, p in ctx.plans.items()}
-    job = LayerJob(layer=ctx.layer, index=0, places=ctx.places, inputs=ctx.inputs, strategy=_Fixed(plans),
+    job = LayerJob(layer=ctx.layer, index=0, places=ctx.places, inputs=ctx.inputs, strategy=FixedPlans(plans),
                    options={}, settings=W3A4, weight_quantizer=get_weight_quantizer("rtn"),
                    generator=torch.Generator().manual_seed(0))
     with pytest.raises(CalibrationError, match="weight_clip_rows"):
@@ -304,8 +290,7 @@ def test_omniquant_trained_scales_folded_at_16_bits_leave_the_logits_unchanged()
     with torch.no_grad():
         before = model(tokens).logits
     strategy = _TrainedThenFloat()
-    manager = StrategyManager(load_entry_points=False)
-    manager.register(_Plugin(strategy))
+    manager = manager_of(strategy)
     report = quantize_model(model, torch.randint(0, 128, (4, 16)), strategy.name,
                             QuantSettings(wbits=16, abits=16, storage_dtype="float32"), {"epochs": 2, "let_lr": 0.05},
                             manager=manager, progress=False)
@@ -313,15 +298,6 @@ def test_omniquant_trained_scales_folded_at_16_bits_leave_the_logits_unchanged()
     assert {p["folded"] for p in report.places} >= {"Scale"}
     with torch.no_grad():
         torch.testing.assert_close(model(tokens).logits, before, rtol=1e-9, atol=1e-9)
-
-
-class _Plugin:
-    def __init__(self, strategy):
-        self.strategy = strategy
-
-    @hookimpl
-    def quantcompose_strategies(self):
-        yield self.strategy
 
 
 def test_omniquant_options_are_checked():
@@ -344,23 +320,13 @@ def test_on_smollm2_layer_3_training_lowers_the_loss_and_beats_round_to_nearest_
     settings = QuantSettings(wbits=4, abits=4, weight_quantizer="rtn", weight_clip_search=False,
                              act_clip_search=False, qkv_bits=16)
     full = _context(model, tokens, 3, settings)  # read-only use of the shared model
-    train, held_out = full.inputs[0], full.inputs[1]  # 4 training sequences, 2 held out
+    train = full.inputs[0]  # 4 training sequences; full.inputs[1] (2 sequences) is held out
     ctx = replace(full, inputs=[train], fp_outputs=[full.fp_outputs[0]])
     plans = omniquant.OmniQuant().fit_layer(ctx, _options(epochs=3, lr=0.1, act_lr=0.1), settings)
     notes = plans["attn_in"].notes
     assert notes["loss_final"] < notes["loss_epoch1"], notes
 
-    def held_out_error(layer_plans) -> float:
-        layer = copy.deepcopy(full.layer)
-        job = LayerJob(layer=layer, index=3, places=full.places, inputs=[train], strategy=_Fixed(layer_plans),
-                       options={}, settings=settings, weight_quantizer=get_weight_quantizer("rtn"),
-                       generator=torch.Generator().manual_seed(0))
-        quantize_layer(job)
-        hidden, kwargs = held_out
-        with torch.no_grad():
-            return float((layer_output(layer(hidden, **kwargs)) - full.fp_outputs[1]).pow(2).mean())
-
-    rtn, learned = held_out_error(full.plans), held_out_error(plans)
+    rtn, learned = (held_out_error(full, p, 0, 1, settings) for p in (full.plans, plans))
     assert learned < 0.9 * rtn, (learned, rtn)
 
 

@@ -25,7 +25,8 @@ from quantcompose.strategy import QuantSettings
 pytestmark = [pytest.mark.slow, requires_real_model]
 
 # Fast fitting for tests: fewer greedy steps than the default (accuracy is the benchmark's job).
-FAST = {"duquant": {"steps": 8}, "rtn": {}, "omniquant": {"epochs": 1, "samples": 1}}
+FAST = {"duquant": {"steps": 8}, "rtn": {}, "omniquant": {"epochs": 1, "samples": 1},
+        "flatquant": {"epochs": 1, "samples": 1}}
 STRATEGIES = sorted(get_plugin_manager().strategies())
 
 

@@ -13,6 +13,7 @@ from quantcompose.learning.fake_quant import (
     fake_quantize_range,
     round_ste,
 )
+from quantcompose.learning.layer_fit import fit_and_freeze, train_options, trainer_options
 from quantcompose.learning.let import LearnableScale
 from quantcompose.learning.trainer import TrainOptions, TrainReport, calibration_batches, layer_error, train_layer
 
@@ -28,8 +29,11 @@ __all__ = [
     "calibration_batches",
     "clamp_to_bounds",
     "fake_quantize_range",
+    "fit_and_freeze",
     "layer_error",
     "place_quantizers",
     "round_ste",
     "train_layer",
+    "train_options",
+    "trainer_options",
 ]

@@ -25,11 +25,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from quantcompose.errors import ShapeError
 from quantcompose.learning.fake_quant import LearnableActClip, LearnableWeightClip
 from quantcompose.learning.let import LearnableScale
 from quantcompose.models import get_submodule
 from quantcompose.strategy import Plan
 from quantcompose.transforms import Identity, Transform
+from quantcompose.transforms.learnable import LearnableKronecker
 
 
 @dataclass
@@ -37,6 +39,8 @@ class PlaceQuantizers:
     """The learnable quantizers of one input place (``None``: that side stays in float).
 
     With a learnable ``scale`` it replaces ``transform`` (its starting value).
+    A learnable ``kronecker`` runs after it (FlatQuant): the input is
+    ``x·T·(A ⊗ B)`` and the weights ``W·T⁻ᵀ·(A ⊗ B)⁻ᵀ``.
     """
 
     linears: tuple[str, ...]
@@ -44,14 +48,17 @@ class PlaceQuantizers:
     weight: LearnableWeightClip | None
     act: LearnableActClip | None
     scale: LearnableScale | None = None
+    kronecker: LearnableKronecker | None = None
 
 
 def place_quantizers(
-    layer: nn.Module, place: Any, plan: Plan, init_logit: float, learn_scale: bool = False
+    layer: nn.Module, place: Any, plan: Plan, init_logit: float, learn_scale: bool = False,
+    kronecker: LearnableKronecker | None = None,
 ) -> PlaceQuantizers:
     """Learnable quantizers for ``place`` following ``plan``'s specs (clip ratios start at ``sigmoid(init_logit)``).
 
-    ``learn_scale`` trains the plan's transform too, which must then be a ``Scale``.
+    ``learn_scale`` trains the plan's transform too, which must then be a ``Scale``;
+    ``kronecker`` (of the place's width) is trained after it.
     """
     rows = sum(get_submodule(layer, name).weight.shape[0] for name in place.linears)
     weight = None
@@ -59,7 +66,12 @@ def place_quantizers(
         weight = LearnableWeightClip(rows, plan.transform.size, plan.weight_spec, init_logit)
     act = None if plan.act_spec is None else LearnableActClip(plan.act_spec, init_logit)
     scale = LearnableScale(plan.transform) if learn_scale else None
-    return PlaceQuantizers(tuple(place.linears), plan.transform, weight, act, scale)
+    if kronecker is not None and kronecker.width != plan.transform.size:
+        raise ShapeError(
+            f"place {place.name!r} has width {plan.transform.size} but its learnable Kronecker has "
+            f"width {kronecker.width}; build it with factors m·n = {plan.transform.size}."
+        )
+    return PlaceQuantizers(tuple(place.linears), plan.transform, weight, act, scale, kronecker)
 
 
 class FakeQuantLayer(nn.Module):
@@ -72,6 +84,7 @@ class FakeQuantLayer(nn.Module):
         self.weight_clips = nn.ModuleDict({k: q.weight for k, q in quantizers.items() if q.weight is not None})
         self.act_clips = nn.ModuleDict({k: q.act for k, q in quantizers.items() if q.act is not None})
         self.scales = nn.ModuleDict({k: q.scale for k, q in quantizers.items() if q.scale is not None})
+        self.kroneckers = nn.ModuleDict({k: q.kronecker for k, q in quantizers.items() if q.kronecker is not None})
         self.places = quantizers
         # W·T⁻ᵀ of each place, stacked over its sibling linears: fixed during training.
         self._folded: dict[str, torch.Tensor] = {}
@@ -98,6 +111,8 @@ class FakeQuantLayer(nn.Module):
                 x = q.scale.on_input(x)
             elif not isinstance(q.transform, Identity):
                 x = q.transform(x)
+            if q.kronecker is not None:
+                x = q.kronecker(x)
             if place in self.act_clips:
                 x = self.act_clips[place](x)
             return (x, *args[1:])
@@ -111,6 +126,8 @@ class FakeQuantLayer(nn.Module):
             stacked = self._folded[name]
             if q.scale is not None:
                 stacked = q.scale.on_weight(stacked)
+            if q.kronecker is not None:
+                stacked = q.kronecker.fold_into_weight(stacked)
             if name in self.weight_clips:
                 stacked = self.weight_clips[name](stacked)
             for lin, w in zip(q.linears, stacked.split(self._rows[name])):
