@@ -21,8 +21,9 @@ plan's ``weight_clip_rows`` and activation ``clip_ratio``, so the pipeline
 folds, quantizes and saves the layer as for any closed-form plan. A factor
 the fit made singular or ill-conditioned is a :class:`TransformError` naming
 the layer and place. Not implemented: the paper's transform on the
-attention's K/V cache path and its per-head Q/K transforms; Q/K/V
-quantization after RoPE is not simulated during training.
+attention's K/V cache path and its per-head Q/K transforms. With Q/K/V
+quantized (``qkv_bits``), training runs with their quantization on, as for
+every layer-scope strategy.
 
 Defaults (``epochs=1`` over the first 4 calibration sequences, batch size 1)
 are sized for SmolLM2-135M on 2 CPU cores. The paper's settings, for
