@@ -498,7 +498,8 @@ def test_smollm2_duquant_w8a8_exports_its_rotations_in_the_transform_config(tmp_
     """SmolLM2 DuQuant W8A8: loaded with transformers + compressed-tensors' transform config, the same model."""
     from quantcompose.data import calibration_tokens
 
-    model, tokenizer = realmodel.load_smollm2()
+    reference, tokenizer = realmodel.load_smollm2()
+    model = copy.deepcopy(reference)  # the loaded model is shared by the other real-model tests
     calib = calibration_tokens("random", tokenizer, nsamples=1, seqlen=64, seed=0, vocab_size=model.config.vocab_size)
     quantize_model(model, calib, "duquant", QuantSettings(weight_quantizer="rtn", weight_clip_search=False, **W8A8),
                    {"act_clip": 1.0}, progress=False)
