@@ -82,6 +82,16 @@ def _load(folder, **kwargs):
     return model
 
 
+def _activation_quantizers_off(ours, theirs):
+    """Switch off quantcompose's activation quantizers in ``ours`` and the consumer's in ``theirs``."""
+    for module in ours.modules():
+        if isinstance(module, QuantLinear):
+            module.act_spec = None
+    for module in theirs.modules():
+        if hasattr(module, "quantization_scheme"):
+            module.quantization_enabled = False
+
+
 def _assert_same_weights(ours, theirs):
     for name, module in ours.named_modules():
         if isinstance(module, QuantLinear):
@@ -475,12 +485,7 @@ def test_smollm2_w8a8_export_in_transformers(tmp_path):
 
     ours, theirs = ppl(model), ppl(loaded)
     assert abs(theirs / ours - 1) < W8A8_EMULATED_PPL_RTOL, (ours, theirs)
-    for module in model.modules():
-        if isinstance(module, QuantLinear):
-            module.act_spec = None
-    for module in loaded.modules():
-        if hasattr(module, "quantization_scheme"):
-            module.quantization_enabled = False
+    _activation_quantizers_off(model, loaded)
     window = tokens[:, :128]
     with torch.no_grad():
         torch.testing.assert_close(loaded(window).logits, model(window).logits, atol=1e-4, rtol=0)
@@ -509,12 +514,7 @@ def test_smollm2_duquant_w8a8_exports_its_rotations_in_the_transform_config(tmp_
     window = realmodel.wikitext2_test_tokens()[:, :128]
     with torch.no_grad():
         loaded(window[:, :2])  # decompress
-    for module in model.modules():
-        if isinstance(module, QuantLinear):
-            module.act_spec = None
-    for module in loaded.modules():
-        if hasattr(module, "quantization_scheme"):
-            module.quantization_enabled = False
+    _activation_quantizers_off(model, loaded)
     with torch.no_grad():
         torch.testing.assert_close(loaded(window).logits, model(window).logits,
                                    atol=DENSE_TRANSFORM_LOGIT_ATOL, rtol=0)
